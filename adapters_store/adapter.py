@@ -1,0 +1,209 @@
+"""The in-memory adapter: a sparse residual over a base's image tower plus a task head.
+
+``build_adapter`` turns (base state, task state) into an :class:`Adapter`; ``merge_state`` is
+*the* definition of task weights (DESIGN.md §3) that training export, the CLI and the server's
+patcher all reproduce bit for bit::
+
+    W_task[i] = (W_base[i].float() + value_i).to(W_base.dtype)   at the listed positions i
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .head import HEAD_TYPE
+
+FORMAT = "deltaclip.adapter"
+FORMAT_VERSION = "1"
+RESIDUAL_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+INT32_LIMIT = 2**31
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 indices, int64 only for parameters with at least 2**31 elements (format v1)."""
+    return torch.int64 if numel >= INT32_LIMIT else torch.int32
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Changed positions of one parameter: strictly increasing flat indices and their deltas."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+
+@dataclass
+class AdapterMeta:
+    """The typed view of the ``__metadata__`` of a v1 adapter file."""
+
+    task: str
+    base_model: str
+    base_pretrained: str
+    base_fingerprint: str
+    class_names: list[str]
+    head: dict[str, Any]
+    residual_dtype: str
+    nnz: int
+    eligible_params: int
+    density: float
+    source_domain: str = ""
+    target_domain: str = ""
+    method: str = ""
+    train_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+
+@dataclass
+class Adapter:
+    meta: AdapterMeta
+    residual: dict[str, Residual]
+    head: dict[str, torch.Tensor]
+    class_embeddings: torch.Tensor | None = None
+
+    def change_counts(self) -> dict[str, int]:
+        """Changed weights per base parameter, in key order."""
+        return {name: r.nnz for name, r in sorted(self.residual.items())}
+
+
+def utc_now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def build_adapter(
+    base_state: Mapping[str, torch.Tensor],
+    task_state: Mapping[str, torch.Tensor],
+    *,
+    task: str,
+    base_model: str,
+    base_pretrained: str,
+    base_fingerprint: str,
+    class_names: list[str],
+    head_state: Mapping[str, torch.Tensor],
+    eligible: Mapping[str, torch.Tensor] | None = None,
+    mask: Mapping[str, torch.Tensor] | None = None,
+    residual_dtype: torch.dtype = torch.float32,
+    class_embeddings: torch.Tensor | None = None,
+    source_domain: str = "",
+    target_domain: str = "",
+    method: str = "",
+    train_config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    created_at: str | None = None,
+) -> Adapter:
+    """Residual = task - base at every position that differs (and, if given, where ``mask`` is set).
+
+    Args:
+        base_state: the base's parameters (only keys also in ``task_state`` are compared).
+        task_state: the task's parameters, same keys, shapes and dtypes as in ``base_state``.
+        eligible: the parameters allowed to change (defaults to ``task_state``'s keys); their
+            total size is recorded as ``eligible_params``.
+        mask: optional boolean tensors per key restricting which positions may be stored.
+        residual_dtype: float32 (exact for typical fine-tunes), bfloat16 or float16.
+
+    The delta is computed in float64 then rounded to ``residual_dtype``; positions whose delta
+    rounds to zero are dropped, so ``nnz`` counts weights that really change. In float32 the
+    merge reproduces the task weights exactly whenever a task weight lies within a factor of two
+    of its base weight (Sterbenz), which holds for RST and for normal fine-tuning steps.
+    """
+    if residual_dtype not in RESIDUAL_DTYPES.values():
+        raise ValueError(
+            f"residual dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {residual_dtype}"
+        )
+    eligible_keys = list(eligible) if eligible is not None else list(task_state)
+    eligible_count = sum(int(base_state[k].numel()) for k in eligible_keys)
+    residual: dict[str, Residual] = {}
+    for key in sorted(task_state):
+        base_t = base_state[key]
+        task_t = task_state[key]
+        if base_t.shape != task_t.shape or base_t.dtype != task_t.dtype:
+            raise ValueError(
+                f"{key}: task tensor {tuple(task_t.shape)}/{task_t.dtype} does not match base "
+                f"{tuple(base_t.shape)}/{base_t.dtype}"
+            )
+        if not base_t.is_floating_point():
+            if not torch.equal(base_t, task_t):
+                raise ValueError(f"{key}: non-floating tensors cannot carry a residual")
+            continue
+        flat_base = base_t.detach().reshape(-1).cpu()
+        flat_task = task_t.detach().reshape(-1).cpu()
+        changed = flat_task != flat_base
+        if mask is not None and key in mask:
+            changed &= mask[key].reshape(-1).cpu().bool()
+        idx = changed.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        if key not in eligible_keys:
+            raise ValueError(f"{key} changed but is not an eligible parameter")
+        delta = (flat_task[idx].double() - flat_base[idx].double()).to(residual_dtype)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{key}: the residual is not finite")
+        keep = delta != 0
+        idx, delta = idx[keep], delta[keep]
+        if idx.numel():
+            residual[key] = Residual(idx.to(index_dtype_for(flat_base.numel())), delta.contiguous())
+    nnz = sum(r.nnz for r in residual.values())
+    dim = int(head_state["fc.weight"].shape[1])
+    meta = AdapterMeta(
+        task=task,
+        base_model=base_model,
+        base_pretrained=base_pretrained,
+        base_fingerprint=base_fingerprint,
+        class_names=list(class_names),
+        head={"type": HEAD_TYPE, "dim": dim, "num_classes": len(class_names)},
+        residual_dtype=dtype_name(residual_dtype),
+        nnz=nnz,
+        eligible_params=eligible_count,
+        density=nnz / eligible_count if eligible_count else 0.0,
+        source_domain=source_domain,
+        target_domain=target_domain,
+        method=method,
+        train_config=dict(train_config or {}),
+        metrics=dict(metrics or {}),
+        created_at=created_at or utc_now_iso(),
+    )
+    head = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
+    emb = (
+        class_embeddings.detach().float().cpu().contiguous()
+        if class_embeddings is not None
+        else None
+    )
+    return Adapter(meta=meta, residual=residual, head=head, class_embeddings=emb)
+
+
+def merge_tensor(base: torch.Tensor, residual: Residual) -> torch.Tensor:
+    """A copy of ``base`` with the residual applied by the format's definition."""
+    out = base.detach().clone()
+    flat = out.view(-1)
+    idx = residual.indices.to(device=flat.device, dtype=torch.int64)
+    flat[idx] = (flat[idx].float() + residual.values.to(flat.device).float()).to(flat.dtype)
+    return out
+
+
+def merge_state(
+    base_state: Mapping[str, torch.Tensor], adapter: Adapter
+) -> dict[str, torch.Tensor]:
+    """The dense task weights: ``base_state`` with every residual merged in (inputs untouched)."""
+    merged = dict(base_state)
+    for key, res in adapter.residual.items():
+        if key not in base_state:
+            raise KeyError(f"the base has no parameter {key}")
+        merged[key] = merge_tensor(base_state[key], res)
+    return merged

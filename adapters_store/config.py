@@ -1,0 +1,37 @@
+"""Store settings: flags override ``DELTACLIP_*`` environment variables, which override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .codec import Limits
+
+
+class StoreSettings(BaseSettings):
+    """Where the catalog and blobs live, which base to use, and adapter size limits."""
+
+    model_config = SettingsConfigDict(env_prefix="DELTACLIP_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".deltaclip")
+    database_url: str | None = None
+    base_model: str = "deltaclip-efflite0"
+    base_pretrained: str = "imagenet"
+    device: str = "cpu"
+    max_adapter_bytes: int = 1 << 30
+    max_density: float = 0.5
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The configured URL, or the embedded SQLite catalog under ``home``."""
+        return self.database_url or f"sqlite:///{self.home / 'catalog.db'}"
+
+    @property
+    def blob_root(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_file_bytes=self.max_adapter_bytes, max_density=self.max_density)

@@ -1,0 +1,91 @@
+"""One error hierarchy for the store, mapped to HTTP statuses and CLI exit codes in one place each.
+
+Every error also subclasses the closest built-in (``ValueError``, ``LookupError``, ...) so callers
+that do not know deltaclip can still catch them sensibly, as PEFT does with its errors.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of every error raised by :mod:`adapters_store`.
+
+    Attributes:
+        code: a short stable machine-readable code (used in HTTP error bodies).
+    """
+
+    code = "store_error"
+
+
+class InvalidAdapter(StoreError, ValueError):
+    """An adapter file breaks a rule of format v1 (DESIGN.md §3).
+
+    Attributes:
+        rule: the rule that was broken, e.g. ``indices-order``; stable, used by tests and clients.
+    """
+
+    code = "invalid_adapter"
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"[{rule}] {message}")
+
+
+class IncompatibleBase(InvalidAdapter):
+    """The adapter was trained against other base weights than the ones it is checked against."""
+
+    code = "incompatible_base"
+
+    def __init__(self, message: str) -> None:
+        super().__init__("fingerprint", message)
+
+
+class AdapterTooLarge(InvalidAdapter):
+    """The adapter exceeds a configured size limit (file bytes, header bytes or density)."""
+
+    code = "adapter_too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__("size-limit", message)
+
+
+class ChecksumMismatch(StoreError, OSError):
+    """Stored bytes no longer hash to the digest they were stored under (disk corruption)."""
+
+    code = "checksum_mismatch"
+
+
+class NotFound(StoreError, LookupError):
+    """Base of the *not found* errors."""
+
+    code = "not_found"
+
+
+class AdapterNotFound(NotFound):
+    code = "adapter_not_found"
+
+
+class BlobNotFound(NotFound):
+    code = "blob_not_found"
+
+
+class BaseNotFound(NotFound):
+    code = "base_not_found"
+
+
+class AlreadyExists(StoreError, ValueError):
+    """A uniqueness rule of the catalog would be broken (mapped from ``IntegrityError``)."""
+
+    code = "already_exists"
+
+
+class SchemaOutOfDate(StoreError, RuntimeError):
+    """The catalog database is not at the head migration; ``deltaclip db upgrade`` fixes it."""
+
+    code = "schema_out_of_date"
+
+
+class InvalidName(StoreError, ValueError):
+    """A task, alias or domain name is empty, too long or has characters outside the allowed set."""
+
+    code = "invalid_name"

@@ -1,0 +1,108 @@
+"""Catalog tables (SQLAlchemy 2). Migrations in ``alembic/`` must match these exactly."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class BaseModelRow(Base):
+    """A base model that adapters in the catalog were validated against."""
+
+    __tablename__ = "base_models"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))
+    pretrained: Mapped[str] = mapped_column(String(1024))
+    embed_dim: Mapped[int] = mapped_column(Integer)
+    eligible_params: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class TaskRow(Base):
+    """One row per task name; ``last_version`` hands out versions race-free and never reuses one."""
+
+    __tablename__ = "tasks"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class AdapterRow(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("task", "version", name="uq_adapters_task_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(ForeignKey("tasks.name"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    base_fingerprint: Mapped[str] = mapped_column(ForeignKey("base_models.fingerprint"), index=True)
+    source_domain: Mapped[str] = mapped_column(String(256), default="")
+    target_domain: Mapped[str] = mapped_column(String(256), default="")
+    method: Mapped[str] = mapped_column(String(128), default="")
+    class_names: Mapped[list[str]] = mapped_column(JSON)
+    num_classes: Mapped[int] = mapped_column(Integer)
+    residual_dtype: Mapped[str] = mapped_column(String(16))
+    nnz: Mapped[int] = mapped_column(BigInteger)
+    eligible_params: Mapped[int] = mapped_column(BigInteger)
+    density: Mapped[float] = mapped_column(Float)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    train_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    param_counts: Mapped[dict[str, int]] = mapped_column(JSON)
+    adapter_created_at: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class AliasRow(Base):
+    """``(task, alias) → version``; removed with the version it points at."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["task", "version"],
+            ["adapters.task", "adapters.version"],
+            name="fk_aliases_task_version_adapters",
+            ondelete="CASCADE",
+        ),
+    )
+
+    task: Mapped[str] = mapped_column(String(128), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

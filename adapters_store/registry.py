@@ -1,0 +1,472 @@
+"""The registry: catalog rows joined with content-addressed blobs.
+
+Registration runs validate → blob → row, in that order, so a failure or crash at any step leaves
+no catalog row pointing at a missing blob (at worst an unreferenced blob, which :meth:`gc`
+removes). Deletion is *hard*: the row and its aliases go at once, the version number is never
+handed out again, and the blob stays until :meth:`gc` finds it unreferenced and older than a
+grace period (so a concurrent re-registration of the same bytes can never lose its blob).
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .adapter import Adapter, merge_state
+from .bases import BaseSignature
+from .blobs import BlobStore, check_digest, sha256_hex
+from .catalog import Catalog
+from .codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
+from .config import StoreSettings
+from .errors import AdapterNotFound, AlreadyExists, BlobNotFound, ChecksumMismatch, IncompatibleBase
+from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
+from .names import check_name
+
+DEFAULT_ALIAS = "production"
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A catalog entry, detached from any database session."""
+
+    task: str
+    version: int
+    digest: str
+    base_fingerprint: str
+    base_model: str
+    base_pretrained: str
+    source_domain: str
+    target_domain: str
+    method: str
+    class_names: list[str]
+    residual_dtype: str
+    nnz: int
+    eligible_params: int
+    density: float
+    size_bytes: int
+    metrics: dict[str, Any]
+    train_config: dict[str, Any]
+    param_counts: dict[str, int]
+    created_at: str
+    registered_at: str
+    aliases: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The listing view (no per-parameter counts, no train config)."""
+        out = self.to_dict()
+        for key in ("param_counts", "train_config", "class_names"):
+            out.pop(key)
+        out["num_classes"] = len(self.class_names)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Registration:
+    record: AdapterRecord
+    created: bool
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[AdapterRecord]
+    total: int
+    limit: int
+    offset: int
+
+
+@dataclass
+class FsckReport:
+    dangling_rows: list[tuple[str, int, str]] = field(
+        default_factory=list
+    )  # row whose blob is missing
+    corrupt_blobs: list[str] = field(default_factory=list)
+    orphan_blobs: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.dangling_rows or self.corrupt_blobs or self.orphan_blobs or self.temp_files
+        )
+
+
+def _iso(value: dt.datetime | None) -> str:
+    if value is None:
+        return ""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
+    dialect = session.get_bind().dialect.name
+    ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    session.execute(ins.values(**values).on_conflict_do_nothing())
+
+
+class Registry:
+    def __init__(self, catalog: Catalog, blobs: BlobStore, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.catalog = catalog
+        self.blobs = blobs
+        self.limits = limits
+
+    @classmethod
+    def from_settings(
+        cls, settings: StoreSettings | None = None, *, check_schema: bool = True
+    ) -> Registry:
+        settings = settings or StoreSettings()
+        return cls(
+            Catalog(settings.resolved_database_url, check_schema=check_schema),
+            BlobStore(settings.blob_root),
+            settings.limits,
+        )
+
+    def close(self) -> None:
+        self.catalog.dispose()
+
+    # ------------------------------------------------------------------------------ registration
+
+    def register(self, data: bytes, base: BaseSignature, alias: str | None = None) -> Registration:
+        """Validate ``data`` against ``base``, store it, catalogue it; idempotent for equal bytes.
+
+        Raises:
+            InvalidAdapter: the file breaks a format rule (``rule`` says which).
+            IncompatibleBase: it was trained against other base weights.
+        """
+        if alias is not None:
+            check_name(alias, "alias")
+        digest = sha256_hex(data)
+        existing = self._find_digest(digest)
+        if existing is None:
+            adapter = decode_adapter(data, self.limits)
+            check_against_base(adapter, base, self.limits)
+            self.blobs.put(data, digest)
+            try:
+                record = self._insert(adapter, digest, len(data), base)
+            except AlreadyExists:
+                # The same bytes were registered concurrently; that registration won.
+                existing = self._find_digest(digest)
+                if existing is None:
+                    raise
+        if existing is not None:
+            self.blobs.put(data, digest)  # re-create a blob lost to an interrupted gc or disk loss
+            if alias is not None:
+                self.set_alias(existing.task, alias, existing.version)
+                existing = self.get(existing.task, existing.version)
+            return Registration(existing, created=False)
+        if alias is not None:
+            self.set_alias(record.task, alias, record.version)
+            record = self.get(record.task, record.version)
+        return Registration(record, created=True)
+
+    def _insert(
+        self, adapter: Adapter, digest: str, size: int, base: BaseSignature
+    ) -> AdapterRecord:
+        meta = adapter.meta
+        with self.catalog.write() as s:
+            _insert_ignore(s, BaseModelRow.__table__, {
+                "fingerprint": base.fingerprint, "model": base.model, "pretrained": base.pretrained,
+                "embed_dim": base.embed_dim, "eligible_params": base.eligible_params,
+            })  # fmt: skip
+            _insert_ignore(s, TaskRow.__table__, {"name": meta.task, "last_version": 0})
+            version = s.execute(
+                update(TaskRow)
+                .where(TaskRow.name == meta.task)
+                .values(last_version=TaskRow.last_version + 1)
+                .returning(TaskRow.last_version)
+            ).scalar_one()
+            s.add(AdapterRow(
+                task=meta.task, version=version, digest=digest, base_fingerprint=base.fingerprint,
+                source_domain=meta.source_domain, target_domain=meta.target_domain, method=meta.method,
+                class_names=meta.class_names, num_classes=len(meta.class_names),
+                residual_dtype=meta.residual_dtype, nnz=meta.nnz, eligible_params=meta.eligible_params,
+                density=meta.density, size_bytes=size, metrics=meta.metrics, train_config=meta.train_config,
+                param_counts=adapter.change_counts(), adapter_created_at=meta.created_at,
+            ))  # fmt: skip
+        return self.get(meta.task, version)
+
+    # ------------------------------------------------------------------------------ queries
+
+    def _query(self) -> Any:
+        return select(AdapterRow, BaseModelRow.model, BaseModelRow.pretrained).join(
+            BaseModelRow, BaseModelRow.fingerprint == AdapterRow.base_fingerprint
+        )
+
+    def _records(self, s: Session, stmt: Any) -> builtins.list[AdapterRecord]:
+        rows = s.execute(stmt).all()
+        if not rows:
+            return []
+        keys = {(r[0].task, r[0].version) for r in rows}
+        aliases: dict[tuple[str, int], list[str]] = {}
+        tasks = {t for t, _ in keys}
+        for a in s.execute(
+            select(AliasRow).where(AliasRow.task.in_(tasks)).order_by(AliasRow.alias)
+        ).scalars():
+            aliases.setdefault((a.task, a.version), []).append(a.alias)
+        return [
+            AdapterRecord(
+                task=r.task,
+                version=r.version,
+                digest=r.digest,
+                base_fingerprint=r.base_fingerprint,
+                base_model=model,
+                base_pretrained=pretrained,
+                source_domain=r.source_domain,
+                target_domain=r.target_domain,
+                method=r.method,
+                class_names=list(r.class_names),
+                residual_dtype=r.residual_dtype,
+                nnz=r.nnz,
+                eligible_params=r.eligible_params,
+                density=r.density,
+                size_bytes=r.size_bytes,
+                metrics=dict(r.metrics),
+                train_config=dict(r.train_config),
+                param_counts=dict(r.param_counts),
+                created_at=r.adapter_created_at,
+                registered_at=_iso(r.registered_at),
+                aliases=aliases.get((r.task, r.version), []),
+            )
+            for r, model, pretrained in rows
+        ]
+
+    def _find_digest(self, digest: str) -> AdapterRecord | None:
+        with self.catalog.read() as s:
+            found = self._records(s, self._query().where(AdapterRow.digest == digest))
+        return found[0] if found else None
+
+    def get_by_digest(self, digest: str) -> AdapterRecord:
+        check_digest(digest)
+        record = self._find_digest(digest)
+        if record is None:
+            raise AdapterNotFound(f"no adapter with digest {digest}")
+        return record
+
+    def get(self, task: str, version: int) -> AdapterRecord:
+        with self.catalog.read() as s:
+            found = self._records(
+                s, self._query().where(AdapterRow.task == task, AdapterRow.version == version)
+            )
+        if not found:
+            raise AdapterNotFound(f"task {task!r} has no version {version}")
+        return found[0]
+
+    def resolve(
+        self, task: str, version: int | None = None, alias: str | None = None
+    ) -> AdapterRecord:
+        """``version``, else ``alias``, else alias ``production`` if set, else the newest version."""
+        check_name(task, "task")
+        if version is not None and alias is not None:
+            raise ValueError("give a version or an alias, not both")
+        if version is not None:
+            return self.get(task, version)
+        with self.catalog.read() as s:
+            if alias is not None:
+                check_name(alias, "alias")
+                target = s.execute(
+                    select(AliasRow.version).where(AliasRow.task == task, AliasRow.alias == alias)
+                ).scalar()
+                if target is None:
+                    raise AdapterNotFound(f"task {task!r} has no alias {alias!r}")
+            else:
+                target = s.execute(
+                    select(AliasRow.version).where(
+                        AliasRow.task == task, AliasRow.alias == DEFAULT_ALIAS
+                    )
+                ).scalar()
+                if target is None:
+                    target = s.execute(
+                        select(func.max(AdapterRow.version)).where(AdapterRow.task == task)
+                    ).scalar()
+                if target is None:
+                    raise AdapterNotFound(f"no adapter registered for task {task!r}")
+            found = self._records(
+                s, self._query().where(AdapterRow.task == task, AdapterRow.version == target)
+            )
+        if not found:
+            raise AdapterNotFound(f"task {task!r} has no version {target}")
+        return found[0]
+
+    def list(
+        self,
+        *,
+        task: str | None = None,
+        base: str | None = None,
+        domain: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        """Adapters newest first within each task, tasks in name order; filters combine with AND.
+
+        Args:
+            base: a base model name or a base fingerprint.
+            domain: matches the source or the target domain.
+        """
+        if not (1 <= limit <= 1000) or offset < 0:
+            raise ValueError("limit must be 1..1000 and offset >= 0")
+        conds = []
+        if task is not None:
+            conds.append(AdapterRow.task == task)
+        if base is not None:
+            conds.append(or_(BaseModelRow.model == base, BaseModelRow.fingerprint == base))
+        if domain is not None:
+            conds.append(
+                or_(AdapterRow.source_domain == domain, AdapterRow.target_domain == domain)
+            )
+        where = and_(*conds) if conds else None
+        stmt = self._query()
+        count = (
+            select(func.count())
+            .select_from(AdapterRow)
+            .join(BaseModelRow, BaseModelRow.fingerprint == AdapterRow.base_fingerprint)
+        )
+        if where is not None:
+            stmt, count = stmt.where(where), count.where(where)
+        stmt = stmt.order_by(AdapterRow.task, AdapterRow.version.desc()).limit(limit).offset(offset)
+        with self.catalog.read() as s:
+            return Page(self._records(s, stmt), int(s.execute(count).scalar_one()), limit, offset)
+
+    def versions(self, task: str) -> builtins.list[AdapterRecord]:
+        with self.catalog.read() as s:
+            return self._records(
+                s, self._query().where(AdapterRow.task == task).order_by(AdapterRow.version)
+            )
+
+    def aliases(self, task: str) -> dict[str, int]:
+        with self.catalog.read() as s:
+            rows = s.execute(
+                select(AliasRow.alias, AliasRow.version).where(AliasRow.task == task)
+            ).all()
+        return dict(sorted((a, v) for a, v in rows))
+
+    # ------------------------------------------------------------------------------ mutations
+
+    def set_alias(self, task: str, alias: str, version: int) -> None:
+        check_name(alias, "alias")
+        with self.catalog.write() as s:
+            exists = s.execute(
+                select(AdapterRow.id).where(AdapterRow.task == task, AdapterRow.version == version)
+            ).scalar()
+            if exists is None:
+                raise AdapterNotFound(f"task {task!r} has no version {version}")
+            row = s.get(AliasRow, (task, alias))
+            if row is None:
+                s.add(AliasRow(task=task, alias=alias, version=version))
+            else:
+                row.version = version
+
+    def remove_alias(self, task: str, alias: str) -> None:
+        with self.catalog.write() as s:
+            result = cast(
+                CursorResult[Any],
+                s.execute(delete(AliasRow).where(AliasRow.task == task, AliasRow.alias == alias)),
+            )
+            if result.rowcount == 0:
+                raise AdapterNotFound(f"task {task!r} has no alias {alias!r}")
+
+    def delete(self, task: str, version: int) -> AdapterRecord:
+        """Hard-delete one version and its aliases (the blob is left for :meth:`gc`)."""
+        record = self.get(task, version)
+        with self.catalog.write() as s:
+            s.execute(delete(AliasRow).where(AliasRow.task == task, AliasRow.version == version))
+            s.execute(
+                delete(AdapterRow).where(AdapterRow.task == task, AdapterRow.version == version)
+            )
+        return record
+
+    # ------------------------------------------------------------------------------ blobs
+
+    def read_bytes(self, record: AdapterRecord) -> bytes:
+        """The adapter file, verified against its digest (:class:`ChecksumMismatch` if corrupted)."""
+        return self.blobs.get(record.digest)
+
+    def load(self, record: AdapterRecord, base: BaseSignature | None = None) -> Any:
+        """Read, verify and decode an adapter; check it against ``base`` when given."""
+        adapter = decode_adapter(self.read_bytes(record), self.limits)
+        if base is not None:
+            check_against_base(adapter, base, self.limits)
+        return adapter
+
+    def referenced_digests(self) -> set[str]:
+        with self.catalog.read() as s:
+            return set(s.execute(select(AdapterRow.digest)).scalars())
+
+    def gc(self, grace_seconds: float = 3600.0) -> builtins.list[str]:
+        """Delete blobs no catalog row references and untouched for ``grace_seconds``."""
+        referenced = self.referenced_digests()
+        removed = []
+        for digest in list(self.blobs.digests()):
+            # Re-check the catalog right before deleting: a registration may have landed meanwhile.
+            if (
+                digest not in referenced
+                and self.blobs.age_seconds(digest) >= grace_seconds
+                and self._find_digest(digest) is None
+                and self.blobs.delete(digest)
+            ):
+                removed.append(digest)
+        return removed
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Report (and with ``repair``, fix) disagreements between catalog and blobs.
+
+        Repair removes temporary files and orphan blobs, and deletes rows whose blob is missing
+        or corrupted (their bytes are gone; re-register the file to restore them).
+        """
+        report = FsckReport()
+        with self.catalog.read() as s:
+            rows = s.execute(select(AdapterRow.task, AdapterRow.version, AdapterRow.digest)).all()
+        referenced = {d for _, _, d in rows}
+        for task, version, digest in rows:
+            try:
+                self.blobs.get(digest)
+            except BlobNotFound:
+                report.dangling_rows.append((task, version, digest))
+            except ChecksumMismatch:
+                report.corrupt_blobs.append(digest)
+                report.dangling_rows.append((task, version, digest))
+        report.orphan_blobs = [d for d in self.blobs.digests() if d not in referenced]
+        report.temp_files = [str(p) for p in self.blobs.temp_files()]
+        if repair:
+            for path in self.blobs.temp_files():
+                path.unlink(missing_ok=True)
+                report.repaired.append(f"removed temporary file {path.name}")
+            for digest in report.orphan_blobs:
+                self.blobs.delete(digest)
+                report.repaired.append(f"removed orphan blob {digest}")
+            for task, version, digest in report.dangling_rows:
+                self.delete(task, version)
+                if digest in report.corrupt_blobs:
+                    self.blobs.delete(digest)
+                report.repaired.append(
+                    f"removed {task} v{version}: its blob was missing or corrupted"
+                )
+        return report
+
+    # ------------------------------------------------------------------------------ export
+
+    def merged_state(
+        self, record: AdapterRecord, net: torch.nn.Module, base: BaseSignature
+    ) -> dict[str, torch.Tensor]:
+        """The dense task model: the base's full ``state_dict`` with the residual merged in, plus
+        the head under ``head.`` and the class embeddings under ``text.class_embeddings``."""
+        if base.fingerprint != record.base_fingerprint:
+            raise IncompatibleBase(
+                f"{record.task} v{record.version} needs base {record.base_fingerprint[:12]}…"
+            )
+        adapter = self.load(record, base)
+        state = merge_state(dict(net.state_dict()), adapter)
+        state.update({f"head.{k}": v for k, v in adapter.head.items()})
+        if adapter.class_embeddings is not None:
+            state["text.class_embeddings"] = adapter.class_embeddings
+        return state

@@ -1,0 +1,84 @@
+"""Shared fixtures: the tiny base once per session, stores under ``tmp_path``, and catalogs on
+SQLite and on the PostgreSQL at 127.0.0.1:5432 (a fresh database per test, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adapters_store.bases import TINY, BaseSignature, build_base, signature_of
+from adapters_store.catalog import upgrade
+from adapters_store.config import StoreSettings
+from adapters_store.registry import Registry
+
+PG_ADMIN_URL = os.environ.get(
+    "DELTACLIP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> tuple[nn.Module, BaseSignature]:
+    net = build_base(*TINY)
+    return net, signature_of(net, *TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_tower_state(tiny: tuple[nn.Module, BaseSignature]) -> dict[str, torch.Tensor]:
+    from adapters_store.bases import tower_parameters
+
+    return {k: p.detach().clone() for k, p in tower_parameters(tiny[0]).items()}
+
+
+def _pg_database() -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"deltaclip_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """An empty PostgreSQL database, dropped after the test."""
+    yield from _pg_database()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty catalog database on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+    else:
+        yield from _pg_database()
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> StoreSettings:
+    """Store settings over a migrated catalog on each backend, blobs under ``tmp_path``."""
+    upgrade(db_url)
+    return StoreSettings(
+        home=tmp_path / "home", database_url=db_url, base_model=TINY[0], base_pretrained=TINY[1]
+    )
+
+
+@pytest.fixture
+def registry(settings: StoreSettings) -> Iterator[Registry]:
+    reg = Registry.from_settings(settings)
+    yield reg
+    reg.close()

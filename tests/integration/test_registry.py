@@ -1,0 +1,211 @@
+"""The registry on SQLite and PostgreSQL: register, resolve, alias, delete, gc, fsck, races."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from adapters_store.codec import encode_adapter
+from adapters_store.errors import (
+    AdapterNotFound,
+    ChecksumMismatch,
+    IncompatibleBase,
+    InvalidAdapter,
+    InvalidName,
+)
+from adapters_store.registry import Registry
+from adapters_store.synthetic import random_adapter
+
+
+def _file(tiny, task: str, seed: int = 0, **kw) -> bytes:  # type: ignore[no-untyped-def]
+    net, sig = tiny
+    return encode_adapter(random_adapter(net, sig, task, seed=seed, **kw))
+
+
+def test_register_then_list_and_show(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    data = _file(tiny, "real2sketch")
+    result = registry.register(data, tiny[1])
+    assert result.created
+    rec = result.record
+    assert (rec.task, rec.version, rec.size_bytes) == ("real2sketch", 1, len(data))
+    assert rec.base_model == "deltaclip-tiny"
+    assert rec.nnz == sum(rec.param_counts.values()) > 0
+    page = registry.list()
+    assert page.total == 1 and page.items[0].digest == rec.digest
+    assert registry.get_by_digest(rec.digest) == rec
+    assert registry.read_bytes(rec) == data
+
+
+def test_same_bytes_twice_is_one_version(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    data = _file(tiny, "t")
+    first = registry.register(data, tiny[1])
+    second = registry.register(data, tiny[1])
+    assert first.created and not second.created
+    assert second.record.version == first.record.version == 1
+    assert registry.list(task="t").total == 1
+
+
+def test_versions_aliases_and_resolution(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    for seed in range(3):
+        registry.register(_file(tiny, "t", seed), tiny[1])
+    assert registry.resolve("t").version == 3  # newest without a production alias
+    registry.set_alias("t", "production", 2)
+    assert registry.resolve("t").version == 2
+    registry.set_alias("t", "canary", 3)
+    assert registry.resolve("t", alias="canary").version == 3
+    assert registry.resolve("t", version=1).version == 1
+    assert registry.aliases("t") == {"canary": 3, "production": 2}
+    registry.set_alias("t", "production", 3)
+    assert registry.resolve("t").aliases == ["canary", "production"]
+    registry.remove_alias("t", "canary")
+    with pytest.raises(AdapterNotFound, match="no alias 'canary'"):
+        registry.resolve("t", alias="canary")
+    with pytest.raises(AdapterNotFound):
+        registry.set_alias("t", "x", 99)
+    with pytest.raises(InvalidName):
+        registry.set_alias("t", "../evil", 1)
+
+
+def test_register_with_alias(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    rec = registry.register(_file(tiny, "t"), tiny[1], alias="production").record
+    assert rec.aliases == ["production"]
+
+
+def test_delete_is_hard_and_versions_are_never_reused(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    registry.register(_file(tiny, "t", 0), tiny[1], alias="production")
+    registry.register(_file(tiny, "t", 1), tiny[1])
+    registry.delete("t", 1)
+    with pytest.raises(AdapterNotFound):
+        registry.get("t", 1)
+    assert registry.aliases("t") == {}
+    assert registry.resolve("t").version == 2
+    assert registry.register(_file(tiny, "t", 2), tiny[1]).record.version == 3
+    with pytest.raises(AdapterNotFound):
+        registry.delete("t", 1)
+
+
+def test_list_filters_and_pagination(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    for i in range(5):
+        registry.register(_file(tiny, f"task{i % 2}", i), tiny[1])
+    assert registry.list(task="task0").total == 3
+    assert registry.list(base="deltaclip-tiny").total == 5
+    assert registry.list(base=tiny[1].fingerprint).total == 5
+    assert registry.list(base="ViT-B-16").total == 0
+    assert registry.list(domain="synthetic-target").total == 5
+    assert registry.list(domain="sketch").total == 0
+    pages = [registry.list(limit=2, offset=o) for o in (0, 2, 4)]
+    keys = [(r.task, r.version) for p in pages for r in p.items]
+    assert keys == [("task0", 3), ("task0", 2), ("task0", 1), ("task1", 2), ("task1", 1)]
+    with pytest.raises(ValueError):
+        registry.list(limit=0)
+
+
+def test_invalid_files_leave_nothing_behind(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidAdapter):
+        registry.register(b"not an adapter", tiny[1])
+    other = tiny[1].__class__(**{**tiny[1].__dict__, "fingerprint": "0" * 64})
+    with pytest.raises(IncompatibleBase):
+        registry.register(_file(tiny, "t"), other)
+    assert registry.list().total == 0
+    assert list(registry.blobs.digests()) == []
+
+
+def test_corrupted_blob_is_detected_on_read(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    rec = registry.register(_file(tiny, "t"), tiny[1]).record
+    path = registry.blobs.path_for(rec.digest)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumMismatch):
+        registry.load(rec)
+    report = registry.fsck()
+    assert report.corrupt_blobs == [rec.digest] and not report.clean
+    registry.fsck(repair=True)
+    assert registry.fsck().clean
+    assert registry.list().total == 0
+
+
+def test_gc_and_fsck_find_orphans(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    rec = registry.register(_file(tiny, "t"), tiny[1]).record
+    orphan = registry.blobs.put(b"left by a crash between blob and row")
+    (registry.blobs.path_for(orphan).parent / ".tmp-abc").write_bytes(b"half")
+    report = registry.fsck()
+    assert report.orphan_blobs == [orphan] and len(report.temp_files) == 1
+    assert registry.gc(grace_seconds=3600) == []  # too young
+    assert registry.gc(grace_seconds=0) == [orphan]
+    assert registry.blobs.exists(rec.digest)
+    registry.delete("t", 1)
+    assert registry.gc(grace_seconds=0) == [rec.digest]
+    registry.fsck(repair=True)
+    assert registry.fsck().clean
+
+
+def test_dangling_row_is_reported(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    data = _file(tiny, "t")
+    rec = registry.register(data, tiny[1]).record
+    registry.blobs.delete(rec.digest)
+    assert registry.fsck().dangling_rows == [("t", 1, rec.digest)]
+    # Registering the same bytes again restores the missing blob.
+    assert not registry.register(data, tiny[1]).created
+    assert registry.fsck().clean
+
+
+def test_merged_state_reproduces_the_task_model(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    from adapters_store.adapter import build_adapter
+    from adapters_store.head import TaskHead
+    from adapters_store.synthetic import random_task_state
+
+    net, sig = tiny
+    base, task_state = random_task_state(net, 0.01, seed=5)
+    adapter = build_adapter(
+        base, task_state, task="exact", base_model=sig.model, base_pretrained=sig.pretrained,
+        base_fingerprint=sig.fingerprint, class_names=["a", "b"], head_state=TaskHead(sig.embed_dim, 2).state_dict(),
+    )  # fmt: skip
+    rec = registry.register(encode_adapter(adapter), sig).record
+    merged = registry.merged_state(rec, net, sig)
+    for key, value in task_state.items():
+        assert torch.equal(merged[key], value), key
+    assert merged["head.fc.weight"].shape == (2, sig.embed_dim)
+
+
+def test_sixteen_threads_get_versions_1_to_16(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    files = [_file(tiny, "contended", seed) for seed in range(16)]
+    versions: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16)
+
+    def work(data: bytes) -> None:
+        try:
+            barrier.wait()
+            versions.append(registry.register(data, tiny[1]).record.version)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(versions) == list(range(1, 17))
+
+
+def test_concurrent_identical_registrations_yield_one_version(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    data = _file(tiny, "same")
+    results = []
+    barrier = threading.Barrier(8)
+
+    def work() -> None:
+        barrier.wait()
+        results.append(registry.register(data, tiny[1]))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    assert {r.record.version for r in results} == {1}
+    assert sum(r.created for r in results) == 1
