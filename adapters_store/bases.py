@@ -28,6 +28,8 @@ from .errors import BaseNotFound
 TINY = ("deltaclip-tiny", "random")
 EFFLITE0 = ("deltaclip-efflite0", "imagenet")
 RANDOM_PRETRAINED = "random"
+EFFLITE0_MEAN = (0.5, 0.5, 0.5)
+EFFLITE0_STD = (0.5, 0.5, 0.5)
 SEED = 0
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 _registered = False
@@ -116,6 +118,9 @@ def build_base(model: str, pretrained: str, device: str | torch.device = "cpu") 
         elif (model, pretrained) == EFFLITE0:
             net = _seeded_model(model)
             load_efflite0_into(net.visual)  # type: ignore[arg-type]
+            # The TensorFlow-trained Lite weights expect inputs scaled to [-1, 1].
+            visual: Any = net.visual
+            visual.preprocess_cfg = {**visual.preprocess_cfg, "mean": EFFLITE0_MEAN, "std": EFFLITE0_STD}
         else:
             net = open_clip.create_model(
                 model, pretrained=pretrained or None, device="cpu", require_pretrained=True
