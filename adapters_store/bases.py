@@ -120,7 +120,11 @@ def build_base(model: str, pretrained: str, device: str | torch.device = "cpu") 
             load_efflite0_into(net.visual)  # type: ignore[arg-type]
             # The TensorFlow-trained Lite weights expect inputs scaled to [-1, 1].
             visual: Any = net.visual
-            visual.preprocess_cfg = {**visual.preprocess_cfg, "mean": EFFLITE0_MEAN, "std": EFFLITE0_STD}
+            visual.preprocess_cfg = {
+                **visual.preprocess_cfg,
+                "mean": EFFLITE0_MEAN,
+                "std": EFFLITE0_STD,
+            }
         else:
             net = open_clip.create_model(
                 model, pretrained=pretrained or None, device="cpu", require_pretrained=True

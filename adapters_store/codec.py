@@ -138,7 +138,19 @@ def encode_adapter(adapter: Adapter) -> bytes:
         tensors[f"head/{key}"] = value.contiguous()
     if adapter.class_embeddings is not None:
         tensors["text/class_embeddings"] = adapter.class_embeddings.contiguous()
-    return st_save(tensors, metadata=_meta_strings(adapter.meta))
+    return _canonical(st_save(tensors, metadata=_meta_strings(adapter.meta)))
+
+
+def _canonical(data: bytes) -> bytes:
+    """Rewrite the header with sorted keys, so equal adapters give equal bytes (and digests).
+
+    safetensors does not fix the order of ``__metadata__`` entries; the data section and its
+    offsets are unchanged, the header is padded with spaces to a multiple of 8 as the format asks.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
@@ -171,18 +183,18 @@ def _check_header(data: bytes, limits: Limits) -> tuple[dict[str, str], dict[str
             "not-safetensors", f"file is {len(data)} bytes, too short for a safetensors header"
         )
     (n,) = struct.unpack("<Q", data[:8])
-    if n > limits.max_header_bytes:
-        raise AdapterTooLarge(f"header declares {n} bytes, the limit is {limits.max_header_bytes}")
     if 8 + n > len(data):
         raise _bad(
             "not-safetensors", f"header length {n} runs past the end of the {len(data)}-byte file"
         )
+    if n > limits.max_header_bytes:
+        raise AdapterTooLarge(f"header declares {n} bytes, the limit is {limits.max_header_bytes}")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except UnicodeDecodeError:
         raise _bad("not-safetensors", "header is not UTF-8") from None
-    except ValueError:
-        raise _bad("not-safetensors", "header is not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise _bad("not-safetensors", "header is not valid JSON (or nested too deeply)") from None
     if not isinstance(header, dict):
         raise _bad("not-safetensors", "header is not a JSON object")
     raw_meta = header.pop("__metadata__", None)
@@ -239,7 +251,7 @@ def _show(name: object) -> str:
 def _json_meta(meta: dict[str, str], key: str, kind: type) -> Any:
     try:
         value = json.loads(meta[key])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _bad("metadata", f"{key} is not valid JSON") from None
     if not isinstance(value, kind):
         raise _bad("metadata", f"{key} must be a JSON {kind.__name__}")
@@ -248,7 +260,7 @@ def _json_meta(meta: dict[str, str], key: str, kind: type) -> Any:
 
 def _int_meta(meta: dict[str, str], key: str) -> int:
     text = meta[key]
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise _bad("metadata", f"{key} must be a non-negative decimal integer, got {_show(text)}")
     return int(text)
 
@@ -296,9 +308,13 @@ def _parse_meta(meta: dict[str, str], limits: Limits) -> AdapterMeta:
     except ValueError:
         raise _bad("metadata", "density is not a number") from None
     try:
-        _dt.datetime.fromisoformat(meta["created_at"])
+        created = _dt.datetime.fromisoformat(meta["created_at"])
     except ValueError:
-        raise _bad("metadata", "created_at is not an ISO 8601 timestamp") from None
+        created = None
+    if created is None or created.utcoffset() != _dt.timedelta(0):
+        raise _bad(
+            "metadata", "created_at must be an ISO 8601 UTC timestamp (e.g. 2026-01-31T12:00:00Z)"
+        )
     nnz, eligible = _int_meta(meta, "nnz"), _int_meta(meta, "eligible_params")
     if nnz > eligible or not (
         math.isfinite(density) and abs(density - (nnz / eligible if eligible else 0.0)) <= 1e-9
@@ -355,7 +371,7 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
             if (
                 len(parts) != 3
                 or parts[2] not in ("indices", "values")
-                or not PARAM_RE.match(parts[1])
+                or not PARAM_RE.fullmatch(parts[1])
             ):
                 raise _bad(
                     "tensor-name",

@@ -8,14 +8,14 @@ from .errors import InvalidName
 
 # Task and alias names: letters, digits, '.', '_', '-'; no leading punctuation (so no '..', no
 # hidden files) and no separators or control characters.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch
 # A state_dict key: dotted identifiers, e.g. "visual.transformer.resblocks.3.mlp.c_fc.weight".
-PARAM_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+PARAM_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # always fullmatch
 
 
 def check_name(value: object, what: str = "task") -> str:
     """Return ``value`` if it is a valid task/alias/domain name, else raise :class:`InvalidName`."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidName(
             f"invalid {what} name {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -24,4 +24,4 @@ def check_name(value: object, what: str = "task") -> str:
 
 
 def is_valid_name(value: object) -> bool:
-    return isinstance(value, str) and bool(_NAME_RE.match(value))
+    return isinstance(value, str) and bool(_NAME_RE.fullmatch(value))

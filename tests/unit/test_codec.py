@@ -151,6 +151,13 @@ class Ctx:
         tensors[new] = tensors.pop(old)
         return self.file(tensors)
 
+    def renamed_param(self, new_key: str) -> bytes:
+        """Both residual tensors of ``self.key`` moved under ``residual/<new_key>/``."""
+        tensors = dict(self.tensors)
+        for part in ("indices", "values"):
+            tensors[f"residual/{new_key}/{part}"] = tensors.pop(f"residual/{self.key}/{part}")
+        return self.file(tensors)
+
 
 @pytest.fixture(scope="module")
 def ctx(tiny: Tiny) -> Ctx:
@@ -243,16 +250,19 @@ def test_decode_never_unpickles(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("zipfile", [True, False], ids=["torch-zip", "torch-legacy-pickle"])
-def test_pickle_file_is_rejected_as_not_safetensors(ctx: Ctx, zipfile: bool) -> None:
+def test_pickle_file_is_rejected_as_not_safetensors(zipfile: bool, tmp_path: Path) -> None:
     buf = io.BytesIO()
     torch.save(
         {"residual/visual.proj/indices": torch.arange(3, dtype=torch.int32)},
         buf,
         _use_new_zipfile_serialization=zipfile,
     )
-    with pytest.raises(InvalidAdapter) as exc:
-        decode_adapter(buf.getvalue())
-    assert exc.value.rule == "not-safetensors", str(exc.value)
+    path = tmp_path / "renamed.safetensors"
+    path.write_bytes(buf.getvalue())
+    for attempt in (lambda: decode_adapter(buf.getvalue()), lambda: read_adapter(path)):
+        with pytest.raises(InvalidAdapter) as exc:
+            attempt()
+        assert exc.value.rule == "not-safetensors", str(exc.value)
 
 
 # ------------------------------------------------------------------- bytes per changed weight
@@ -470,11 +480,11 @@ CASES: list[Case] = [
          lambda c: _check(c, _with_counts(_meta(c, eligible_params=c.sig.eligible_params + 1)))),
     # --- tensor-name
     Case("tensor-name", "dotdot", "not residual/<param>",
-         lambda c: _decode(c.renamed(f"residual/{c.key}/indices", f"residual/../{c.key}/indices"))),
+         lambda c: _decode(c.renamed_param(f"../{c.key}"))),
     Case("tensor-name", "nul-byte", "\\x00",
-         lambda c: _decode(c.renamed(f"residual/{c.key}/indices", f"residual/{c.key}\x00/indices"))),
+         lambda c: _decode(c.renamed_param(f"{c.key}\x00"))),
     Case("tensor-name", "trailing-newline", "not residual/<param>",
-         lambda c: _decode(c.renamed(f"residual/{c.key}/indices", f"residual/{c.key}\n/indices"))),
+         lambda c: _decode(c.renamed_param(f"{c.key}\n"))),
     Case("tensor-name", "unknown-prefix", "not part of format v1",
          lambda c: _decode(c.file({**c.tensors, "extra/blob": torch.zeros(2)}))),
     Case("tensor-name", "unknown-head-tensor", "head",
@@ -573,6 +583,18 @@ def test_base_dependent_cases_pass_decode_alone(ctx: Ctx) -> None:
 # ------------------------------------------------------------------- merge definition
 
 
+# A float32 delta that the base dtype cannot hold, chosen so that adding it at full precision to
+# a base weight of 1.0 rounds *up* by one ulp, while casting it to the base dtype first gives an
+# exact tie that rounds back to 1.0: only the format's definition yields 1 + ulp.
+#   bf16 (8 significant bits): ulp(1) = 2**-7, delta = 2**-8 * (1 + 2**-10)
+#   fp16 (11 significant bits): ulp(1) = 2**-10, delta = 2**-11 * (1 + 2**-12)
+# (the extra bit is below the base dtype's precision but within float32's for the sum).
+TIE_BREAKERS = {
+    torch.bfloat16: (2.0**-8 * (1 + 2.0**-10), 1 + 2.0**-7),
+    torch.float16: (2.0**-11 * (1 + 2.0**-12), 1 + 2.0**-10),
+}
+
+
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     "value_dtype",
@@ -582,9 +604,11 @@ def test_base_dependent_cases_pass_decode_alone(ctx: Ctx) -> None:
 def test_merge_tensor_definition(base_dtype: torch.dtype, value_dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(3)
     base = torch.randn(6, 11, generator=g).to(base_dtype)
+    base.view(-1)[0] = 1.0
     indices = torch.tensor([0, 3, 4, 17, 40, 65], dtype=torch.int32)
+    delta, rounded_up = TIE_BREAKERS[base_dtype]
     # deltas from tiny (lost when rounding to the base dtype) to large
-    values = torch.tensor([1e-4, -3e-3, 0.02, -0.7, 1.5, 2e-6]).to(value_dtype)
+    values = torch.tensor([delta, -3e-3, 0.02, -0.7, 1.5, 2e-6]).to(value_dtype)
     base_before, indices_before, values_before = base.clone(), indices.clone(), values.clone()
 
     merged = merge_tensor(base, Residual(indices, values))
@@ -595,10 +619,11 @@ def test_merge_tensor_definition(base_dtype: torch.dtype, value_dtype: torch.dty
     for i, v in zip(indices.tolist(), values, strict=True):
         expected[i] = (base.view(-1)[i].float() + v.float()).to(base_dtype)
     assert_bitwise_equal(merged.view(-1), expected, "merged")
+    if value_dtype == torch.float32:
+        assert merged.view(-1)[0].item() == rounded_up, "the sum must be taken in float32"
     listed = torch.zeros(base.numel(), dtype=torch.bool)
     listed[indices.long()] = True
     assert_bitwise_equal(merged.view(-1)[~listed], base.view(-1)[~listed], "untouched positions")
-    # the float path matters: at least one listed position differs from the base
     assert not torch.equal(_bits(merged.view(-1)[listed]), _bits(base.view(-1)[listed]))
     for before, after in ((base_before, base), (indices_before, indices), (values_before, values)):
         assert_bitwise_equal(after, before, "input")
@@ -611,13 +636,17 @@ def test_merge_state_definition_and_inputs_untouched() -> None:
         "visual.b.weight": torch.randn(7, generator=g).half(),
         "visual.c.weight": torch.randn(3, generator=g),
     }
+    base_state["visual.a.weight"].view(-1)[1] = 1.0
+    base_state["visual.b.weight"][0] = 1.0
     snapshot = {k: v.clone() for k, v in base_state.items()}
     residual = {
         "visual.a.weight": Residual(
-            torch.tensor([1, 19], dtype=torch.int32), torch.tensor([0.5, -0.125])
+            torch.tensor([1, 19], dtype=torch.int32),
+            torch.tensor([TIE_BREAKERS[torch.bfloat16][0], -0.123456789]),
         ),
         "visual.b.weight": Residual(
-            torch.tensor([0, 6], dtype=torch.int32), torch.tensor([0.25, 3.0])
+            torch.tensor([0, 6], dtype=torch.int32),
+            torch.tensor([TIE_BREAKERS[torch.float16][0], 3.14159265]),
         ),
     }
     meta = AdapterMeta(
@@ -634,6 +663,8 @@ def test_merge_state_definition_and_inputs_untouched() -> None:
         for i, v in zip(res.indices.tolist(), res.values.tolist(), strict=True):
             expected[i] = (snapshot[key].view(-1)[i].float() + v).to(snapshot[key].dtype)
         assert_bitwise_equal(merged[key].view(-1), expected, key)
+    assert merged["visual.a.weight"].view(-1)[1].item() == TIE_BREAKERS[torch.bfloat16][1]
+    assert merged["visual.b.weight"][0].item() == TIE_BREAKERS[torch.float16][1]
     assert_bitwise_equal(merged["visual.c.weight"], snapshot["visual.c.weight"], "unchanged key")
     for key in base_state:
         assert_bitwise_equal(base_state[key], snapshot[key], f"input {key}")
