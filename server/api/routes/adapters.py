@@ -1,0 +1,68 @@
+"""Catalog reads: listing, a task's versions and aliases, one version's details, the file."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import Response
+
+from ...errors import ApiError
+from ..deps import NAME_PATTERN, RuntimeDep
+
+router = APIRouter(prefix="/adapters", tags=["catalog"])
+
+TaskPath = Annotated[str, Path(pattern=NAME_PATTERN)]
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+@router.get("", summary="List adapters (filters combine; newest versions first within a task)")
+async def list_adapters(
+    rt: RuntimeDep,
+    task: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    base: Annotated[
+        str | None, Query(max_length=256, description="base model name or fingerprint")
+    ] = None,
+    domain: Annotated[
+        str | None, Query(max_length=256, description="source or target domain")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> dict[str, Any]:
+    page = await asyncio.to_thread(
+        rt.registry.list, task=task, base=base, domain=domain, limit=limit, offset=offset
+    )
+    return {"total": page.total, "limit": page.limit, "offset": page.offset,
+            "items": [r.summary() for r in page.items]}  # fmt: skip
+
+
+@router.get("/{task}", summary="A task's versions and aliases")
+async def get_task(rt: RuntimeDep, task: TaskPath) -> dict[str, Any]:
+    versions = await asyncio.to_thread(rt.registry.versions, task)
+    if not versions:
+        raise ApiError(404, "adapter_not_found", f"no adapter registered for task {task!r}")
+    aliases = await asyncio.to_thread(rt.registry.aliases, task)
+    return {"task": task, "aliases": aliases, "versions": [r.summary() for r in versions]}
+
+
+@router.get(
+    "/{task}/versions/{version}",
+    summary="All metadata of one version, with per-parameter change counts",
+)
+async def get_version(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> dict[str, Any]:
+    record = await asyncio.to_thread(rt.registry.get, task, version)
+    return record.to_dict()
+
+
+@router.get("/{task}/versions/{version}/file", summary="Download the adapter file (checksum-verified)",
+            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
+async def get_file(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> Response:
+    record = await asyncio.to_thread(rt.registry.get, task, version)
+    data = await asyncio.to_thread(rt.registry.read_bytes, record)
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{record.task}-v{record.version}.safetensors"',
+                 "ETag": f'"{record.digest}"'},
+    )  # fmt: skip

@@ -1,0 +1,36 @@
+"""Reading files out of a request: multipart fields or a raw body, with counts bounded."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from ..errors import ApiError
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+async def read_files(
+    request: Request, field: str, max_files: int
+) -> tuple[list[bytes], dict[str, str]]:
+    """The bytes of every multipart part named ``field`` (or the raw body), plus text fields."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=max_files, max_fields=32, max_part_size=64 * 1024)
+        files: list[bytes] = []
+        fields: dict[str, str] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name == field:
+                    files.append(await value.read())
+                await value.close()
+            else:
+                fields[name] = value
+        if not files:
+            raise ApiError(400, "missing_file", f"no multipart field named {field!r} with a file")
+        return files, fields
+    if content_type.startswith(RAW_TYPES):
+        return [await request.body()], {}
+    shown = content_type.split(";")[0] or "none"
+    raise ApiError(415, "unsupported_media_type",
+                   f"send multipart/form-data with field {field!r}, or a raw image body (content type was {shown!r})")  # fmt: skip

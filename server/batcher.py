@@ -1,0 +1,187 @@
+"""Task-grouped dynamic batching on one worker thread that owns the model.
+
+Requests wait in a bounded queue. The worker takes what is waiting (up to ``max_batch`` images,
+or until ``max_wait`` has passed since the first one), groups the jobs by key (the adapter
+digest), runs the group of the adapter that is already patched first, then each other group
+with one swap, and hands results back to the event loop. A full queue is refused at once
+(503), and jobs whose caller gave up (504) are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .metrics import Metrics
+
+BatchFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class QueueFull(Exception):
+    """The request queue is at capacity."""
+
+
+@dataclass(eq=False)
+class Job:
+    key: Hashable
+    fn: BatchFn
+    images: torch.Tensor
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    abandoned: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(
+    future: asyncio.Future[Any], value: Any = None, error: BaseException | None = None
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class Batcher:
+    def __init__(
+        self,
+        max_batch: int,
+        max_wait_s: float,
+        queue_size: int,
+        metrics: Metrics,
+        current_key: Callable[[], Hashable] = lambda: None,
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[Job | _Call | None] = queue.Queue(maxsize=queue_size)
+        self._metrics = metrics
+        self._current_key = current_key
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, key: Hashable, fn: BatchFn, images: torch.Tensor) -> Job:
+        """Queue a job from the event loop; await ``job.future`` for the ``[N, C]`` result."""
+        loop = asyncio.get_running_loop()
+        job = Job(key, fn, images, loop.create_future(), loop)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        self._metrics.queue_depth.set(self._queue.qsize())
+        return job
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread between batches (e.g. to read the live weights)."""
+        loop = asyncio.get_running_loop()
+        item = _Call(fn, loop.create_future(), loop)
+        await asyncio.to_thread(self._queue.put, item)
+        return await item.future
+
+    # ------------------------------------------------------------------------------ worker
+
+    def _collect(self, first: Job) -> tuple[list[Job], list[_Call], bool]:
+        jobs, calls, stop = [first], [], False
+        images = first.images.shape[0]
+        deadline = time.perf_counter() + self.max_wait_s
+        while images < self.max_batch:
+            timeout = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            if isinstance(item, _Call):
+                calls.append(item)
+                continue
+            jobs.append(item)
+            images += item.images.shape[0]
+        return jobs, calls, stop
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, _Call):
+                self._run_call(item)
+                continue
+            jobs, calls, stop = self._collect(item)
+            self._metrics.queue_depth.set(self._queue.qsize())
+            self._run_jobs(jobs)
+            for call in calls:
+                self._run_call(call)
+            if stop:
+                return
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            value = call.fn()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            call.loop.call_soon_threadsafe(_resolve, call.future, None, exc)
+        else:
+            call.loop.call_soon_threadsafe(_resolve, call.future, value)
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        groups: dict[Hashable, list[Job]] = {}
+        for job in jobs:
+            if not job.abandoned:
+                groups.setdefault(job.key, []).append(job)
+        current = self._current_key()
+        order = sorted(groups, key=lambda k: k != current)  # the patched adapter's group first
+        for key in order:
+            self._run_group(groups[key])
+
+    def _run_group(self, group: list[Job]) -> None:
+        chunk: list[Job] = []
+        size = 0
+        for job in [*group, None]:
+            n = job.images.shape[0] if job is not None else 0
+            if chunk and (job is None or size + n > self.max_batch):
+                self._run_chunk(chunk)
+                chunk, size = [], 0
+            if job is not None:
+                chunk.append(job)
+                size += n
+
+    def _run_chunk(self, chunk: list[Job]) -> None:
+        images = torch.cat([j.images for j in chunk]) if len(chunk) > 1 else chunk[0].images
+        self._metrics.batch_size.observe(images.shape[0])
+        try:
+            out = chunk[0].fn(images)
+        except BaseException as exc:
+            for job in chunk:
+                job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
+            return
+        start = 0
+        for job in chunk:
+            n = job.images.shape[0]
+            job.loop.call_soon_threadsafe(_resolve, job.future, out[start : start + n])
+            start += n

@@ -1,0 +1,67 @@
+"""``deltaclip serve``: run the server under uvicorn (plugged in via the ``deltaclip.commands``
+entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .config import ServerSettings
+    from .main import create_app
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "home": args.home, "database_url": args.database_url, "base_model": args.base_model,
+            "base_pretrained": args.base_pretrained, "device": args.device, "dtype": args.dtype,
+            "host": args.host, "port": args.port, "max_batch": args.max_batch, "cache_bytes": args.cache_bytes,
+        }.items()
+        if value is not None
+    }  # fmt: skip
+    if args.pin:
+        overrides["pin"] = args.pin
+    settings = ServerSettings(**overrides)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
+                h11_max_incomplete_event_size=64 * 1024)  # fmt: skip
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve predictions, the catalog and the admin API over HTTP")
+    p.add_argument("--host", help="bind address (DELTACLIP_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (DELTACLIP_PORT, default 8000)")
+    p.add_argument("--home", type=Path, help="data folder (DELTACLIP_HOME)")
+    p.add_argument("--database-url", help="catalog URL (DELTACLIP_DATABASE_URL)")
+    p.add_argument("--base-model", help="open_clip architecture (DELTACLIP_BASE_MODEL)")
+    p.add_argument(
+        "--base-pretrained", help="weights tag, local file or 'random' (DELTACLIP_BASE_PRETRAINED)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (DELTACLIP_DEVICE)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="serving dtype (DELTACLIP_DTYPE)",
+    )
+    p.add_argument("--max-batch", type=int, help="images per forward pass (DELTACLIP_MAX_BATCH)")
+    p.add_argument(
+        "--cache-bytes", type=int, help="memory for prepared adapters (DELTACLIP_CACHE_BYTES)"
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        metavar="TASK",
+        help="preload and never evict this task (repeatable)",
+    )
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)

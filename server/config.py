@@ -1,0 +1,29 @@
+"""Server settings (``DELTACLIP_*``), extending the store's settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+
+from adapters_store.config import StoreSettings
+
+
+class ServerSettings(StoreSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    admin_token: SecretStr | None = None
+    max_batch: int = Field(16, ge=1, le=1024, description="images per forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits to fill a batch")
+    queue_size: int = Field(256, ge=1, description="waiting requests before 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="waiting longer than this gives 504")
+    cache_bytes: int = Field(1 << 30, ge=0, description="prepared adapters kept in memory (LRU)")
+    pin: list[str] = Field(default_factory=list, description="tasks preloaded and never evicted")
+    max_request_bytes: int = Field(32 << 20, ge=1, description="largest /predict body")
+    max_upload_bytes: int = Field(256 << 20, ge=1, description="largest adapter upload")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest decoded image (Pillow's own limit is ~89 M)"
+    )
+    max_images: int = Field(64, ge=1, description="images per /predict request")
+    retry_after_s: int = 1

@@ -1,0 +1,123 @@
+"""The model host: one base model on one device, patched per adapter by the serving worker.
+
+Only the batcher's worker thread calls :meth:`Engine.run` and :meth:`Engine.restore_base`; the
+live weights are therefore mutated by exactly one thread. Preparing adapters (:meth:`prepare`)
+reads only the pristine host copy and may run on any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters_store.adapter import Adapter
+from adapters_store.bases import BaseSignature, base_fingerprint
+from adapters_store.head import TaskHead, head_from_state
+from adapters_store.transforms import eval_transform
+
+from .patcher import FlatPatcher, PreparedResidual
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(eq=False)
+class PreparedAdapter:
+    """Everything the worker needs to answer for one adapter (identity is the digest)."""
+
+    task: str
+    version: int
+    digest: str
+    class_names: list[str]
+    head: TaskHead
+    residual: PreparedResidual
+
+    @property
+    def nbytes(self) -> int:
+        head = sum(t.numel() * t.element_size() for t in self.head.state_dict().values())
+        return self.residual.nbytes + head
+
+
+class Engine:
+    def __init__(self, net: nn.Module, signature: BaseSignature, device: str, dtype: str) -> None:
+        self.signature = signature
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.net = net.eval().to(self.device)
+        self.visual: nn.Module = net.visual.to(self.dtype)  # type: ignore[assignment]
+        self.transform = eval_transform(net)
+        self.patcher = FlatPatcher(self.visual)
+        # The identity of the weights as served (after the dtype cast): restored weights must match it.
+        self.serving_fingerprint = base_fingerprint(self.net)
+        self.current: PreparedAdapter | None = None
+        self.swaps = 0
+        self._text_lock = threading.Lock()
+        self._tokenizer: Any = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.transform.transforms[1].size[0])
+
+    def prepare(self, record: Any, adapter: Adapter) -> PreparedAdapter:
+        head = head_from_state(adapter.head).to(self.device)
+        return PreparedAdapter(
+            task=record.task,
+            version=record.version,
+            digest=record.digest,
+            class_names=list(adapter.meta.class_names),
+            head=head,
+            residual=self.patcher.prepare(adapter),
+        )
+
+    def _switch(self, target: PreparedAdapter | None) -> None:
+        if self.current is target:
+            return
+        if self.current is not None:
+            self.patcher.restore(self.current.residual)
+        if target is not None:
+            self.patcher.patch(target.residual)
+            self.swaps += 1
+        self.current = target
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images.to(self.device, self.dtype)).float()
+
+    @torch.inference_mode()
+    def run(self, adapter: PreparedAdapter, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[N, C]`` of ``adapter``'s task for a batch of images."""
+        self._switch(adapter)
+        return adapter.head(self.features(images)).softmax(-1).cpu()
+
+    @torch.inference_mode()
+    def run_zero_shot(self, text_embeddings: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities of the base's text head (CLIP zero-shot) over the given label embeddings."""
+        self._switch(None)
+        z = nn.functional.normalize(self.features(images), dim=-1)
+        scale = self.net.logit_scale.exp().float()  # type: ignore[operator]
+        return (scale * z @ text_embeddings.to(self.device).T).softmax(-1).cpu()
+
+    def restore_base(self) -> None:
+        self._switch(None)
+
+    def fingerprint(self) -> str:
+        """The base's fingerprint now (worker thread only: restores the base first)."""
+        self._switch(None)
+        return base_fingerprint(self.net)
+
+    @torch.inference_mode()
+    def text_embeddings(
+        self, labels: list[str], template: str = "a photo of a {}."
+    ) -> torch.Tensor:
+        """L2-normalised prompt embeddings from the frozen text tower (never patched)."""
+        import open_clip
+
+        with self._text_lock:
+            if self._tokenizer is None:
+                self._tokenizer = open_clip.get_tokenizer(self.signature.model)
+            tokens = self._tokenizer([template.format(label) for label in labels]).to(self.device)
+            emb = self.net.encode_text(tokens).float()  # type: ignore[operator]
+        return nn.functional.normalize(emb, dim=-1)

@@ -1,0 +1,59 @@
+"""The FastAPI app factory. The lifespan opens the catalog (refusing one not at the head
+migration) and loads the base model in the background; ``/readyz`` turns 200 once it is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from . import errors
+from .api.routes import adapters, admin, catalog, health, predict
+from .config import ServerSettings
+from .limits import BodyLimitMiddleware, BodyTooLarge
+from .runtime import Runtime
+
+log = logging.getLogger("deltaclip.server")
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings)
+        app.state.runtime = runtime
+        loading = asyncio.create_task(runtime.load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            runtime.close()
+
+    app = FastAPI(
+        title="deltaclip",
+        version="1",
+        summary="Many domain-adapted CLIP image towers served from one base model.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: object, exc: BodyTooLarge) -> object:
+        return errors._json(413, "payload_too_large", str(exc))
+
+    for module in (predict, adapters, admin, catalog, health):
+        app.include_router(module.router)
+
+    def limit_for(path: str) -> int:
+        return (
+            settings.max_upload_bytes if path.startswith("/admin/") else settings.max_request_bytes
+        )
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    return app
