@@ -82,3 +82,62 @@ def registry(settings: StoreSettings) -> Iterator[Registry]:
     reg = Registry.from_settings(settings)
     yield reg
     reg.close()
+
+
+# ------------------------------------------------------------------------------------ server
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def wait_ready(client, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"server not ready: {client.get('/readyz').json()}")
+
+
+@pytest.fixture
+def server_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Server settings on the tiny base over a migrated SQLite catalog under ``tmp_path``."""
+    from server.config import ServerSettings
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    upgrade(url)
+    return ServerSettings(
+        home=tmp_path / "home", database_url=url, base_model=TINY[0], base_pretrained=TINY[1],
+        admin_token=ADMIN_TOKEN, max_wait_ms=1.0,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def client(server_settings):  # type: ignore[no-untyped-def]
+    """A ready TestClient over an app on the tiny base (lifespan run, base loaded)."""
+    from fastapi.testclient import TestClient
+
+    from server.main import create_app
+
+    with TestClient(create_app(server_settings)) as c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
+    """A deterministic random RGB PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
