@@ -141,3 +141,41 @@ def png_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+@pytest.fixture
+def live_server(server_settings):  # type: ignore[no-untyped-def]
+    """A real uvicorn server on a free loopback port, in a background thread; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from server.main import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(server_settings), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("live server did not become ready")
+    yield url
+    server.should_exit = True
+    thread.join(10)

@@ -1,0 +1,59 @@
+"""Shared helpers for the benchmarks: seeded ViT-B-16 base, adapters, timing."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters_store.bases import BaseSignature, signature_of
+
+
+def vit_b16() -> tuple[nn.Module, BaseSignature]:
+    """ViT-B-16 with a seeded random init: the real architecture and sizes, no download."""
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    return net, signature_of(net, "ViT-B-16", "random")
+
+
+def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 2, sync: bool = False) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        if sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

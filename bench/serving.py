@@ -1,0 +1,250 @@
+"""Serving benchmarks of issue #4, as ratios measured in one run on one machine.
+
+    .venv/bin/python bench/serving.py [--device cpu|cuda] [--quick] [--out results.json]
+
+1. swap: fused patch+restore of a 0.5 %-density adapter on ViT-B-16 vs a batch-1 forward of the
+   image tower (and the per-tensor Python loop it replaces), at several densities;
+2. cold load: store → prepared (read, SHA-256 verify, decode, validate, prepare);
+3. throughput: the real batcher + engine, closed-loop clients, all requests on one task vs spread
+   uniformly over 30 tasks, same batching settings;
+4. HTTP: /predict batch-1 latency of a real `deltaclip serve` process vs the in-process forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, median, p, timeit, vit_b16
+
+from adapters_store.codec import encode_adapter
+from adapters_store.synthetic import random_adapter
+
+
+def bench_swap(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
+    from server.engine import Engine
+
+    engine = Engine(net, sig, device, "float32")
+    sync = device.startswith("cuda")
+    x = torch.randn(1, 3, 224, 224)
+    forward = timeit(lambda: engine.features(x), repeat=max(5, repeat // 10), sync=sync)
+    rows = []
+    for density in (0.0005, 0.001, 0.005, 0.01):
+        adapter = random_adapter(net, sig, "bench", density=density, seed=1)
+        prepared = engine.patcher.prepare(adapter)
+
+        def fused() -> None:
+            engine.patcher.patch(prepared)
+            engine.patcher.restore(prepared)
+
+        params = dict(engine.visual.named_parameters())
+        per_tensor = [(params[k.removeprefix("visual.")], r.indices.to(device=engine.device, dtype=torch.int64),
+                       r.values.to(engine.device)) for k, r in adapter.residual.items()]  # fmt: skip
+        saved = [p_.detach().view(-1)[i].clone() for p_, i, _ in per_tensor]
+
+        def loop() -> None:
+            with torch.no_grad():
+                for (param, idx, val), orig in zip(per_tensor, saved, strict=True):
+                    param.view(-1).index_add_(0, idx, val)
+                for (param, idx, _), orig in zip(per_tensor, saved, strict=True):
+                    param.view(-1).index_copy_(0, idx, orig)
+
+        t_fused = timeit(fused, repeat, sync=sync)
+        t_loop = timeit(loop, max(10, repeat // 4), sync=sync)
+        rows.append({
+            "density": density, "nnz": prepared.nnz,
+            "fused_p50_ms": median(t_fused) * 1e3, "fused_p99_ms": p(t_fused, 0.99) * 1e3,
+            "loop_p50_ms": median(t_loop) * 1e3,
+            "fused_vs_forward": median(t_fused) / median(forward), "loop_vs_forward": median(t_loop) / median(forward),
+        })  # fmt: skip
+    assert engine.patcher.is_pristine()
+    return {"forward_b1_ms": median(forward) * 1e3, "rows": rows}
+
+
+def bench_cold_load(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
+    from adapters_store.catalog import upgrade
+    from adapters_store.config import StoreSettings
+    from adapters_store.registry import Registry
+    from server.engine import Engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/c.db"
+        upgrade(url)
+        reg = Registry.from_settings(StoreSettings(home=Path(tmp), database_url=url))
+        record = reg.register(
+            encode_adapter(random_adapter(net, sig, "cold", density=0.005, seed=2)), sig
+        ).record
+        engine = Engine(net, sig, device, "float32")
+        times = timeit(lambda: engine.prepare(record, reg.load(record, sig)), repeat)
+        reg.close()
+    return {
+        "nnz": record.nnz,
+        "bytes": record.size_bytes,
+        "p50_ms": median(times) * 1e3,
+        "p99_ms": p(times, 0.99) * 1e3,
+    }
+
+
+async def _closed_loop(
+    batcher: Any, engine: Any, prepared: list[Any], n: int, clients: int
+) -> float:
+    images = torch.randn(1, 3, 224, 224)
+    rng = random.Random(0)
+    order = [rng.choice(prepared) for _ in range(n)]
+    it = iter(order)
+
+    async def client() -> None:
+        for adapter in it:
+            job = batcher.submit(adapter.digest, lambda x, a=adapter: engine.run(a, x), images)
+            await job.future
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return n / (time.perf_counter() - t)
+
+
+def bench_throughput(
+    net: Any, sig: Any, device: str, n: int, max_batch: int, clients: int
+) -> dict[str, Any]:
+    from server.batcher import Batcher
+    from server.engine import Engine
+    from server.metrics import Metrics
+
+    engine = Engine(net, sig, device, "float32")
+    adapters = [engine.prepare(type("R", (), {"task": f"t{i}", "version": 1, "digest": f"d{i}"})(),
+                               random_adapter(net, sig, f"t{i}", density=0.005, seed=i)) for i in range(30)]  # fmt: skip
+    results: dict[str, Any] = {"max_batch": max_batch, "clients": clients, "requests": n}
+
+    async def run(which: list[Any]) -> float:
+        metrics = Metrics()
+        batcher = Batcher(
+            max_batch,
+            0.002,
+            4096,
+            metrics,
+            lambda: engine.current.digest if engine.current else None,
+        )
+        batcher.start()
+        await _closed_loop(batcher, engine, which, max(clients, n // 10), clients)  # warm-up
+        rate = await _closed_loop(batcher, engine, which, n, clients)
+        batcher.stop()
+        return rate
+
+    reps = []
+    for _ in range(3):  # alternate to cancel drift
+        one = asyncio.run(run(adapters[:1]))
+        thirty = asyncio.run(run(adapters))
+        reps.append((one, thirty))
+    results["one_task_rps"] = median([a for a, _ in reps])
+    results["thirty_tasks_rps"] = median([b for _, b in reps])
+    results["ratio"] = median([b / a for a, b in reps])
+    engine.restore_base()
+    assert engine.patcher.is_pristine()
+    return results
+
+
+def bench_http(net: Any, sig: Any, repeat: int) -> dict[str, Any]:
+    import httpx
+    from PIL import Image
+
+    from adapters_store.transforms import eval_transform
+
+    rng = torch.Generator().manual_seed(0)
+    arr = (torch.rand(240, 320, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    adapter = random_adapter(net, sig, "http", density=0.005, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "DELTACLIP_HOME": tmp, "DELTACLIP_BASE_MODEL": "ViT-B-16",
+               "DELTACLIP_BASE_PRETRAINED": "random", "DELTACLIP_ADMIN_TOKEN": "bench", "DELTACLIP_PORT": "8765"}  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "adapters_store.cli", "db", "upgrade"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        server = subprocess.Popen([sys.executable, "-m", "adapters_store.cli", "serve"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            with httpx.Client(base_url="http://127.0.0.1:8765", timeout=60) as c:
+                for _ in range(600):
+                    try:
+                        if c.get("/readyz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.2)
+                r = c.post("/admin/adapters", files={"file": ("a", encode_adapter(adapter))},
+                           headers={"Authorization": "Bearer bench"})  # fmt: skip
+                r.raise_for_status()
+
+                def call() -> None:
+                    c.post(
+                        "/predict?task=http", content=jpeg, headers={"content-type": "image/jpeg"}
+                    ).raise_for_status()
+
+                http = timeit(call, repeat, warmup=3)
+        finally:
+            server.terminate()
+            server.wait(30)
+    # In-process: the same work minus HTTP — decode, transform, patched tower forward, head.
+    from server.engine import Engine
+
+    engine = Engine(net, sig, "cpu", "float32")
+    prepared = engine.prepare(
+        type("R", (), {"task": "http", "version": 1, "digest": "d"})(), adapter
+    )
+    tf = eval_transform(net)
+
+    def local() -> None:
+        engine.run(prepared, tf(Image.open(io.BytesIO(jpeg)))[None])
+
+    inproc = timeit(local, repeat, warmup=3)
+    return {"http_p50_ms": median(http) * 1e3, "http_p99_ms": p(http, 0.99) * 1e3,
+            "inprocess_p50_ms": median(inproc) * 1e3, "ratio": median(http) / median(inproc)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    net, sig = vit_b16()
+    q = args.quick
+    out: dict[str, Any] = {"machine": machine(), "device": args.device}
+    out["swap"] = bench_swap(net, sig, args.device, repeat=40 if q else 300)
+    print(json.dumps(out["swap"], indent=1), flush=True)
+    out["cold_load"] = bench_cold_load(net, sig, args.device, repeat=5 if q else 30)
+    print(json.dumps(out["cold_load"], indent=1), flush=True)
+    n = 48 if q else (240 if args.device == "cpu" else 3000)
+    out["throughput"] = bench_throughput(net, sig, args.device, n=n, max_batch=16, clients=32)
+    print(json.dumps(out["throughput"], indent=1), flush=True)
+    if not args.skip_http and args.device == "cpu":
+        out["http"] = bench_http(net, sig, repeat=10 if q else 40)
+        print(json.dumps(out["http"], indent=1), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
