@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,32 @@ from common import machine, median, p, timeit, vit_b16
 
 from adapters_store.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
+
+
+def _fused_swap(patcher: Any, prepared: Any) -> None:
+    patcher.patch(prepared)
+    patcher.restore(prepared)
+
+
+def _per_tensor(
+    engine: Any, adapter: Any
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(flat view of the parameter, indices, delta, saved originals) per changed parameter."""
+    params = dict(engine.visual.named_parameters())
+    out = []
+    for key, res in adapter.residual.items():
+        flat = params[key.removeprefix("visual.")].detach().view(-1)
+        idx = res.indices.to(device=engine.device, dtype=torch.int64)
+        out.append((flat, idx, res.values.to(engine.device), flat[idx].clone()))
+    return out
+
+
+def _loop_swap(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """The per-tensor Python loop deltaclip replaces: index_add the delta, index_copy back."""
+    for flat, idx, delta, _ in parts:
+        flat.index_add_(0, idx, delta)
+    for flat, idx, _, saved in parts:
+        flat.index_copy_(0, idx, saved)
 
 
 def bench_swap(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
@@ -45,25 +72,10 @@ def bench_swap(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
     for density in (0.0005, 0.001, 0.005, 0.01):
         adapter = random_adapter(net, sig, "bench", density=density, seed=1)
         prepared = engine.patcher.prepare(adapter)
-
-        def fused() -> None:
-            engine.patcher.patch(prepared)
-            engine.patcher.restore(prepared)
-
-        params = dict(engine.visual.named_parameters())
-        per_tensor = [(params[k.removeprefix("visual.")], r.indices.to(device=engine.device, dtype=torch.int64),
-                       r.values.to(engine.device)) for k, r in adapter.residual.items()]  # fmt: skip
-        saved = [p_.detach().view(-1)[i].clone() for p_, i, _ in per_tensor]
-
-        def loop() -> None:
-            with torch.no_grad():
-                for (param, idx, val), orig in zip(per_tensor, saved, strict=True):
-                    param.view(-1).index_add_(0, idx, val)
-                for (param, idx, _), orig in zip(per_tensor, saved, strict=True):
-                    param.view(-1).index_copy_(0, idx, orig)
-
-        t_fused = timeit(fused, repeat, sync=sync)
-        t_loop = timeit(loop, max(10, repeat // 4), sync=sync)
+        t_fused = timeit(partial(_fused_swap, engine.patcher, prepared), repeat, sync=sync)
+        t_loop = timeit(
+            partial(_loop_swap, _per_tensor(engine, adapter)), max(10, repeat // 4), sync=sync
+        )
         rows.append({
             "density": density, "nnz": prepared.nnz,
             "fused_p50_ms": median(t_fused) * 1e3, "fused_p99_ms": p(t_fused, 0.99) * 1e3,

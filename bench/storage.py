@@ -29,8 +29,10 @@ def main() -> None:
                   base_fingerprint=sig.fingerprint, class_names=[f"c{i}" for i in range(65)], head_state=head)  # fmt: skip
     base = {k: p.detach() for k, p in tower_parameters(net).items()}
     print(f"ViT-B-16 image tower: {tower:,} weights, 65-class head\n")
-    print("| density | changed weights | residual dtype | file bytes | JSON header bytes | head bytes "
-          "| bytes per changed weight, residual data | bytes per changed weight, incl. header |")
+    print(
+        "| density | changed weights | residual dtype | file bytes | JSON header bytes | head bytes "
+        "| bytes per changed weight, residual data | bytes per changed weight, incl. header |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for density in (0.0005, 0.001, 0.005, 0.01):
         _, task = random_task_state(net, density, seed=1)
@@ -41,8 +43,10 @@ def main() -> None:
             head_bytes = sum(t.numel() * t.element_size() for t in adapter.head.values())
             nnz = adapter.meta.nnz
             residual = len(data) - header - head_bytes
-            print(f"| {density:.2%} | {nnz:,} | {str(dtype)[6:]} | {len(data):,} | {header:,} | {head_bytes:,} "
-                  f"| {residual / nnz:.3f} | {(residual + header) / nnz:.3f} |")
+            print(
+                f"| {density:.2%} | {nnz:,} | {str(dtype)[6:]} | {len(data):,} | {header:,} | {head_bytes:,} "
+                f"| {residual / nnz:.3f} | {(residual + header) / nnz:.3f} |"
+            )
 
 
 if __name__ == "__main__":
