@@ -120,8 +120,10 @@ def build_adapter(
 
     The delta is computed in float64 then rounded to ``residual_dtype``; positions whose delta
     rounds to zero are dropped, so ``nnz`` counts weights that really change. In float32 the
-    merge reproduces the task weights exactly whenever a task weight lies within a factor of two
-    of its base weight (Sterbenz), which holds for RST and for normal fine-tuning steps.
+    merge reproduces a task weight exactly whenever it lies within a factor of two of its base
+    weight (Sterbenz); a weight that shrinks by more than 2x towards zero can come back one
+    rounding step off. The merge is the definition of the task weights, so producers (the
+    trainer) snap their final weights onto ``merge_state(base, adapter)`` before evaluating.
     """
     if residual_dtype not in RESIDUAL_DTYPES.values():
         raise ValueError(

@@ -19,7 +19,7 @@ class StoreSettings(BaseSettings):
     database_url: str | None = None
     base_model: str = "deltaclip-efflite0"
     base_pretrained: str = "imagenet"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when present, else CPU
     max_adapter_bytes: int = 1 << 30
     max_density: float = 0.5
 
@@ -31,6 +31,15 @@ class StoreSettings(BaseSettings):
     @property
     def blob_root(self) -> Path:
         return self.home / "blobs"
+
+    @property
+    def resolved_device(self) -> str:
+        """``device`` with ``auto`` resolved: CUDA when present, else CPU."""
+        if self.device in ("", "auto"):
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     @property
     def limits(self) -> Limits:

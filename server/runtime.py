@@ -52,7 +52,7 @@ class Runtime:
             t0 = time.perf_counter()
             net = await asyncio.to_thread(build_base, s.base_model, s.base_pretrained)
             sig = await asyncio.to_thread(signature_of, net, s.base_model, s.base_pretrained)
-            engine = await asyncio.to_thread(Engine, net, sig, s.device, s.dtype)
+            engine = await asyncio.to_thread(Engine, net, sig, s.resolved_device, s.dtype)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("base model failed to load: %s", self.load_error)

@@ -45,7 +45,7 @@ async def base(rt: RuntimeDep) -> dict[str, Any]:
     return {
         "model": s.base_model,
         "pretrained": s.base_pretrained,
-        "device": s.device,
+        "device": str(engine.device),
         "dtype": s.dtype,
         "fingerprint": rt.loaded_fingerprint,
         "serving_fingerprint": engine.serving_fingerprint,

@@ -1,0 +1,109 @@
+"""Residual sparse training: the reset after each step, buffers and momentum, the density budget."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from adapters_store.bases import tower_parameters
+from trainer.rst import ResidualSparsity, enforce_budget, threshold_reset
+
+
+def _tiny_step(
+    net: nn.Module, tau: float, max_density: float | None, lr: float = 1e-4
+) -> tuple[ResidualSparsity, dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """One SGD (momentum) step of the tiny tower on a fixed batch, then RST."""
+    torch.manual_seed(0)
+    params = tower_parameters(net)
+    rst = ResidualSparsity(params, tau, max_density)
+    opt = torch.optim.SGD(params.values(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.randn(4, 3, 32, 32)
+    net.visual(x).pow(2).sum().backward()
+    opt.step()
+    before = {k: p.detach().clone() for k, p in params.items()}
+    rst.apply()
+    return rst, before, opt
+
+
+def test_every_changed_weight_moved_more_than_tau(tiny) -> None:  # type: ignore[no-untyped-def]
+    net = copy.deepcopy(tiny[0])
+    tau = 1e-6
+    rst, before, _ = _tiny_step(net, tau, None)
+    changed_total = 0
+    for key, p in rst.params.items():
+        w0 = rst.base[key]
+        changed = p != w0
+        changed_total += int(changed.sum())
+        assert bool(((p - w0).abs()[changed] > tau).all()), key
+        # Weights that moved more than tau keep their stepped value, the others are exactly W0.
+        moved = (before[key] - w0).abs() > tau
+        assert torch.equal(p, torch.where(moved, before[key], w0)), key
+    assert changed_total == rst.nnz > 0
+    assert rst.nnz < rst.eligible  # the step moved some weights by less than tau: they reset
+
+
+def test_reset_covers_every_tower_parameter_and_no_buffer(tiny) -> None:  # type: ignore[no-untyped-def]
+    net = copy.deepcopy(tiny[0])
+    params = tower_parameters(net)
+    assert {"visual.class_embedding", "visual.positional_embedding", "visual.proj"} <= set(params)
+    rst = ResidualSparsity(params, tau=1.0)
+    buffers_before = {k: b.clone() for k, b in net.named_buffers()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.5)  # every parameter moves by less than tau
+    assert rst.apply() == 0
+    assert all(torch.equal(p, rst.base[k]) for k, p in params.items())
+    assert all(torch.equal(b, buffers_before[k]) for k, b in net.named_buffers())
+
+
+def test_buffers_and_momentum_are_left_alone() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    params = dict(net.named_parameters())
+    rst = ResidualSparsity(params, tau=10.0)  # everything resets
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(8, 4)).sum().backward()  # training mode: running stats change too
+    opt.step()
+    running = net[1].running_mean.clone()
+    momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in net.parameters()}
+    assert rst.apply() == 0
+    assert torch.equal(net[1].running_mean, running) and running.abs().sum() > 0
+    for p in net.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], momentum[id(p)])
+
+
+def test_budget_caps_density_over_the_whole_tower(tiny) -> None:  # type: ignore[no-untyped-def]
+    net = copy.deepcopy(tiny[0])
+    free, _, _ = _tiny_step(copy.deepcopy(tiny[0]), 0.0, None)
+    d = 0.01
+    rst, _, _ = _tiny_step(net, 0.0, d)
+    assert free.nnz > d * free.eligible  # the budget really bites
+    assert rst.nnz <= d * rst.eligible
+    assert rst.nnz == int(d * rst.eligible) == rst.recount()
+
+
+def test_budget_keeps_the_largest_changes_across_parameters() -> None:
+    base = {"a": torch.zeros(5), "b": torch.zeros(2, 2)}
+    params = {
+        "a": nn.Parameter(torch.tensor([0.1, -0.5, 0.0, 0.3, 0.2])),
+        "b": nn.Parameter(torch.tensor([[0.05, -0.4], [0.0, 0.25]])),
+    }
+    kept = enforce_budget(params, base, 3)
+    assert kept == 3
+    assert torch.equal(params["a"].detach(), torch.tensor([0.0, -0.5, 0.0, 0.3, 0.0]))
+    assert torch.equal(params["b"].detach(), torch.tensor([[0.0, -0.4], [0.0, 0.0]]))
+
+
+def test_budget_breaks_ties_by_position_deterministically() -> None:
+    base = {"a": torch.zeros(4)}
+    params = {"a": nn.Parameter(torch.tensor([0.2, 0.2, -0.2, 0.2]))}
+    enforce_budget(params, base, 2)
+    assert torch.equal(params["a"].detach(), torch.tensor([0.2, 0.2, 0.0, 0.0]))
+
+
+def test_threshold_is_on_the_absolute_change_from_the_base() -> None:
+    base = {"w": torch.tensor([1.0, -1.0, 0.5, 0.0])}
+    w = nn.Parameter(torch.tensor([1.0 + 2e-6, -1.0 - 2e-6, 0.5 + 5e-7, -5e-6]))
+    assert threshold_reset({"w": w}, base, 1e-6) == 3
+    assert torch.equal(w.detach(), torch.tensor([1.0 + 2e-6, -1.0 - 2e-6, 0.5, -5e-6]))

@@ -1,0 +1,274 @@
+"""``deltaclip train`` and ``deltaclip eval``, plugged in through the ``deltaclip.commands`` group.
+
+``register(subparsers)`` adds both commands; :func:`main` runs ``train`` from a list of arguments
+and returns its metrics, so tests (and notebooks) can drive a run as the CLI does. Failures are
+raised as ``ValueError``/``OSError``/``StoreError`` subclasses, which ``deltaclip``'s ``main``
+prints as one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adapters_store.config import StoreSettings
+
+from .config import DEFAULT_TEMPLATE, METHODS, RESIDUAL_DTYPES, RunOptions, TrainConfig
+
+_DEFAULTS = TrainConfig(source="", target="", task="")
+
+
+def _settings(args: argparse.Namespace) -> StoreSettings:
+    overrides = {
+        key: getattr(args, key, None)
+        for key in ("home", "database_url", "base_model", "base_pretrained")
+    }
+    return StoreSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("store and base (default: DELTACLIP_* environment)")
+    g.add_argument("--home", type=Path, help="data folder (DELTACLIP_HOME, default ~/.deltaclip)")
+    g.add_argument("--database-url", help="catalog URL (DELTACLIP_DATABASE_URL)")
+    g.add_argument("--base-model", help="open_clip architecture (DELTACLIP_BASE_MODEL)")
+    g.add_argument(
+        "--base-pretrained", help="weights tag, file or 'random' (DELTACLIP_BASE_PRETRAINED)"
+    )
+    g.add_argument(
+        "--device", help="cpu, cuda, cuda:1 ... (DELTACLIP_DEVICE; default: CUDA if present)"
+    )
+    g.add_argument(
+        "--workers", type=int, help="data-loading processes (default min(2, cpus); 0: none)"
+    )
+    g.add_argument("--threads", type=int, help="CPU compute threads (default: cpus - workers)")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument("--source", required=True, help="labelled source domain folder (CLASS/*.jpg)")
+    p.add_argument("--target", required=True, help="target domain folder (labels: evaluation only)")
+    p.add_argument("--task", required=True, help="task name in the catalog, e.g. art2clipart")
+    p.add_argument("--source-domain", default="", help="catalogued name (default: folder name)")
+    p.add_argument("--target-domain", default="", help="catalogued name (default: folder name)")
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=METHODS, default=d.method)
+    m.add_argument("--fixmatch", action="store_true", help="add FixMatch on weak/strong views")
+    m.add_argument("--fixmatch-weight", type=float, default=d.fixmatch_weight, help="λ_fm")
+    m.add_argument("--fixmatch-threshold", type=float, default=d.fixmatch_threshold, help="τ_fm")
+    m.add_argument("--lambda1", type=float, default=d.lambda1)
+    m.add_argument("--lambda2", type=float, default=d.lambda2)
+    m.add_argument("--lambda3", type=float, default=d.lambda3)
+    m.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    m.add_argument("--prompt-template", default=d.prompt_template, help="with {name}")
+    r = p.add_argument_group("residual sparse training")
+    r.add_argument(
+        "--tau",
+        type=float,
+        help="reset threshold (default 1e-6 ViT, 3e-6 EfficientNet, 1e-5 ResNet)",
+    )
+    r.add_argument(
+        "--max-density", type=float, help="keep at most this fraction of weights changed"
+    )
+    r.add_argument("--residual-dtype", choices=RESIDUAL_DTYPES, default=d.residual_dtype)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=d.epochs)
+    o.add_argument("--iters", type=int, default=d.iters_per_epoch, help="iterations per epoch")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="per domain")
+    o.add_argument(
+        "--lr", type=float, help="image-tower lr (default 3e-6 ViT/EfficientNet, 3e-7 ResNet)"
+    )
+    o.add_argument(
+        "--head-lr-mult", type=float, help="head lr / tower lr (default 1000; 1e4 ResNet)"
+    )
+    o.add_argument("--image-size", type=int, help="crop size (default: the base's, e.g. 224)")
+    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    out = p.add_argument_group("run and output")
+    out.add_argument("--output", "-o", type=Path, help="adapter file (default under HOME/adapters)")
+    out.add_argument(
+        "--run-dir", type=Path, help="checkpoint and JSON log (default HOME/runs/TASK)"
+    )
+    again = out.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue from the run's checkpoint, if it has one"
+    )
+    again.add_argument(
+        "--restart", action="store_true", help="discard an unfinished run's checkpoint"
+    )
+    out.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps"
+    )
+    out.add_argument("--keep-checkpoint", action="store_true")
+    out.add_argument("--eval-every", type=int, default=1, help="epochs between target evaluations")
+    out.add_argument("--no-register", action="store_true", help="only write the adapter file")
+    out.add_argument("--alias", help="alias to point at the registered version")
+    out.add_argument("--created-at", help=argparse.SUPPRESS)
+    out.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
+    out.add_argument("--json", action="store_true", help="print the result as JSON")
+    _store_flags(p)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions, StoreSettings]:
+    settings = _settings(args)
+    cfg = TrainConfig(
+        source=str(args.source), target=str(args.target), task=args.task,
+        source_domain=args.source_domain, target_domain=args.target_domain,
+        base_model=settings.base_model, base_pretrained=settings.base_pretrained,
+        method=args.method, fixmatch=args.fixmatch, tau=args.tau, max_density=args.max_density,
+        epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr,
+        head_lr_mult=args.head_lr_mult, label_smoothing=args.label_smoothing,
+        lambda1=args.lambda1, lambda2=args.lambda2, lambda3=args.lambda3,
+        fixmatch_weight=args.fixmatch_weight, fixmatch_threshold=args.fixmatch_threshold,
+        image_size=args.image_size, prompt_template=args.prompt_template, seed=args.seed,
+        residual_dtype=args.residual_dtype, amp=args.amp,
+    )  # fmt: skip
+    cfg.validate()
+    options = RunOptions(
+        output=args.output, run_dir=args.run_dir, resume=args.resume, restart=args.restart,
+        register=not args.no_register, alias=args.alias, num_workers=args.workers,
+        threads=args.threads,
+        device=args.device, progress=False if args.no_progress else None,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        keep_checkpoint=args.keep_checkpoint, created_at=args.created_at,
+    )  # fmt: skip
+    return cfg, options, settings
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``train`` from parsed arguments; the result as a JSON-able dict."""
+    from .loop import train
+
+    cfg, options, settings = config_from_args(args)
+    result = train(cfg, options, settings)
+    reg = result.registration
+    return {
+        "task": cfg.task,
+        "adapter_path": str(result.adapter_path),
+        "log_path": str(result.log_path),
+        "version": reg.record.version if reg else None,
+        "digest": reg.record.digest if reg else None,
+        "method": result.config.method_name,
+        **result.metrics,
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = run_train(args)
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    print(f"wrote {out['adapter_path']}: {out['nnz']} weights changed ({out['density']:.4%})")
+    if out["version"] is not None:
+        print(f"registered: {out['task']} v{out['version']} ({out['digest']})")
+    print(
+        f"target accuracy {out['target_accuracy']:.2%} "
+        f"(text head {out['target_teacher_accuracy']:.2%}); log: {out['log_path']}"
+    )
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="labelled folder (CLASS/*.jpg)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="a registered task")
+    which.add_argument("--zero-shot", action="store_true", help="the base's text head instead")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--version", type=int)
+    sel.add_argument("--alias")
+    p.add_argument("--confusion", type=Path, help="write the confusion matrix as a PNG here")
+    p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="zero-shot prompts")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="default: the adapter's training size")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _store_flags(p)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate import evaluate_adapter, evaluate_zero_shot
+    from .plot import confusion_png
+    from .runtime import resolve_device
+
+    settings = _settings(args)
+    device = resolve_device(args.device, settings)
+    if args.zero_shot:
+        result = evaluate_zero_shot(
+            settings.base_model, settings.base_pretrained, args.data,
+            template=args.prompt_template, device=device, batch_size=args.batch_size,
+            num_workers=args.workers, image_size=args.image_size,
+        )  # fmt: skip
+        title = f"zero-shot {settings.base_model}/{settings.base_pretrained}"
+    else:
+        result = evaluate_adapter(
+            settings, args.task, args.data, version=args.version, alias=args.alias,
+            device=device, batch_size=args.batch_size, num_workers=args.workers,
+            image_size=args.image_size,
+        )  # fmt: skip
+        title = f"{result['task']} v{result['version']}"
+    if args.confusion:
+        import torch
+
+        names = list(result["per_class_accuracy"])
+        title += f" on {Path(args.data).name}: accuracy {result['accuracy']:.2%}"
+        confusion_png(torch.tensor(result["confusion"]), names, args.confusion, title)
+        result["confusion_png"] = str(args.confusion)
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = run_eval(args)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    who = (
+        f"zero-shot {result['base_model']}/{result['base_pretrained']}"
+        if args.zero_shot
+        else f"{result['task']} v{result['version']} ({result['digest'][:16]})"
+    )
+    print(f"{who} on {result['data']}: {result['images']} images, {len(result['support'])} classes")
+    print(
+        f"accuracy: {result['accuracy']:.2%} (mean per-class {result['mean_class_accuracy']:.2%})"
+    )
+    if args.zero_shot:
+        print(f"chance level: {result['chance_accuracy']:.2%}")
+    print("per-class accuracy:")
+    for name, acc in result["per_class_accuracy"].items():
+        shown = f"{acc:.2%}" if acc is not None else "-"
+        print(f"  {name:<32} {shown:>8}  ({result['support'][name]} images)")
+    if "confusion_png" in result:
+        print(f"confusion matrix: {result['confusion_png']}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Entry point of the ``deltaclip.commands`` group: adds ``train`` and ``eval``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a task with CMKD + RST and register its adapter",
+        description="Adapt the base's image tower from a labelled source folder to an unlabelled "
+        "target folder (CMKD + RST, optionally FixMatch) and write a sparse v1 adapter.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy of a registered task (or zero-shot base) on a labelled folder",
+        description="Evaluate a registered adapter as it is served (base + merged residual + "
+        "task head), or with --zero-shot the base's text head. Prints accuracy and per-class "
+        "accuracy; --confusion writes a confusion-matrix PNG.",
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltaclip train", description="CMKD + RST training")
+    add_train_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``deltaclip train`` as a function: parse ``argv``, train, return the metrics dict."""
+    return run_train(build_train_parser().parse_args(argv))
