@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# The demo's real images come from Debian's dataset-fashion-mnist; install it when we can.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
 demo: $(STAMP)
+	@test -f $(FASHION) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  echo "installing Debian's dataset-fashion-mnist for the demo's images" && \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || true
 	$(BIN)/deltaclip demo
 
 test: $(STAMP)

@@ -119,12 +119,11 @@ def build_base(model: str, pretrained: str, device: str | torch.device = "cpu") 
             net = _seeded_model(model)
             load_efflite0_into(net.visual)  # type: ignore[arg-type]
             # The TensorFlow-trained Lite weights expect inputs scaled to [-1, 1].
+            from open_clip.model import set_model_preprocess_cfg
+
             visual: Any = net.visual
-            visual.preprocess_cfg = {
-                **visual.preprocess_cfg,
-                "mean": EFFLITE0_MEAN,
-                "std": EFFLITE0_STD,
-            }
+            cfg = {**visual.preprocess_cfg, "mean": EFFLITE0_MEAN, "std": EFFLITE0_STD}
+            set_model_preprocess_cfg(net, cfg)
         else:
             net = open_clip.create_model(
                 model, pretrained=pretrained or None, device="cpu", require_pretrained=True

@@ -242,12 +242,6 @@ def cmd_adapters_fsck(args: argparse.Namespace) -> int:
     return 0 if report.clean or args.repair else 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(_settings(args))
-
-
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -349,12 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _store_flags(p)
     p.set_defaults(func=cmd_adapters_fsck)
-
-    p = sub.add_parser(
-        "demo", help="register a generated adapter for the tiny base and list the catalog"
-    )
-    _store_flags(p)
-    p.set_defaults(func=cmd_demo)
 
     for ep in entry_points(group="deltaclip.commands"):
         ep.load()(sub)

@@ -172,8 +172,6 @@ def bench_http(net: Any, sig: Any, repeat: int) -> dict[str, Any]:
     import httpx
     from PIL import Image
 
-    from adapters_store.transforms import eval_transform
-
     rng = torch.Generator().manual_seed(0)
     arr = (torch.rand(240, 320, 3, generator=rng) * 255).to(torch.uint8).numpy()
     buf = io.BytesIO()
@@ -220,7 +218,7 @@ def bench_http(net: Any, sig: Any, repeat: int) -> dict[str, Any]:
     prepared = engine.prepare(
         type("R", (), {"task": "http", "version": 1, "digest": "d"})(), adapter
     )
-    tf = eval_transform(net)
+    tf = engine.transform_for()
 
     def local() -> None:
         engine.run(prepared, tf(Image.open(io.BytesIO(jpeg)))[None])

@@ -17,7 +17,7 @@ from torch import nn
 from adapters_store.adapter import Adapter
 from adapters_store.bases import BaseSignature, base_fingerprint
 from adapters_store.head import TaskHead, head_from_state
-from adapters_store.transforms import eval_transform
+from adapters_store.transforms import adapter_image_size, eval_transform_for
 
 from .patcher import FlatPatcher, PreparedResidual
 
@@ -48,7 +48,7 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.net = net.eval().to(self.device)
         self.visual: nn.Module = net.visual.to(self.dtype)  # type: ignore[assignment]
-        self.transform = eval_transform(net)
+        self._transforms: dict[int, Any] = {}
         self.patcher = FlatPatcher(self.visual)
         # The identity of the weights as served (after the dtype cast): restored weights must match it.
         self.serving_fingerprint = base_fingerprint(self.net)
@@ -57,9 +57,13 @@ class Engine:
         self._text_lock = threading.Lock()
         self._tokenizer: Any = None
 
-    @property
-    def image_size(self) -> int:
-        return int(self.transform.transforms[1].size[0])
+    def transform_for(self, train_config: dict[str, Any] | None = None) -> Any:
+        """The evaluation transform at the size an adapter was trained at (the base's native size
+        for zero-shot), exactly as training-time evaluation applied it."""
+        size = adapter_image_size(train_config or {}, self.net)
+        if size not in self._transforms:
+            self._transforms[size] = eval_transform_for(self.net, size)
+        return self._transforms[size]
 
     def prepare(self, record: Any, adapter: Adapter) -> PreparedAdapter:
         head = head_from_state(adapter.head).to(self.device)

@@ -15,27 +15,20 @@ from typing import Any
 from torch import nn
 from torchvision import transforms as T
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from adapters_store.transforms import eval_transform as shared_eval_transform
+from adapters_store.transforms import native_size, normalisation
 
 Transform = Callable[[Any], Any]
 
 
 def normalisation_of(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The base's input mean and std (open_clip records them on the image tower)."""
-    visual: Any = getattr(net, "visual", None)
-    mean = getattr(visual, "image_mean", None) or CLIP_MEAN
-    std = getattr(visual, "image_std", None) or CLIP_STD
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    """The base's input mean and std (the contract package's definition, shared with serving)."""
+    return normalisation(net)
 
 
 def image_size_of(net: nn.Module) -> int:
     """The base's native square input size (224 for ViT-B/16 and EfficientNet-Lite0)."""
-    visual: Any = getattr(net, "visual", None)
-    size = getattr(visual, "image_size", None)
-    if size is None:
-        size = (getattr(visual, "preprocess_cfg", None) or {}).get("size", 224)
-    return int(size[0] if isinstance(size, Sequence) else size)
+    return native_size(net)
 
 
 def _tail(mean: Sequence[float], std: Sequence[float]) -> list[Transform]:
@@ -57,8 +50,8 @@ def train_transform(
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Transform:
-    """Resize(size x size): the whole image, no crop, as the reference evaluates."""
-    return T.Compose([T.Resize((size, size)), *_tail(mean, std)])
+    """Resize(size x size): the whole image, no crop — the one definition serving uses too."""
+    return shared_eval_transform(size, mean, std)
 
 
 def strong_transform(

@@ -124,12 +124,6 @@ def test_base_info_prints_json(tmp_path: Path) -> None:
     )
 
 
-def test_demo_registers_and_lists(tmp_path: Path) -> None:
-    out = run(tmp_path / "h", "demo").stdout
-    assert "photo2sketch" in out and "the catalog now holds" in out
-    assert json.loads(run(tmp_path / "h", "adapters", "list", "--json").stdout)["total"] == 3
-
-
 def test_help_for_every_command() -> None:
     from adapters_store.cli import build_parser
 

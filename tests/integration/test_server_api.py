@@ -17,7 +17,7 @@ from adapters_store.errors import SchemaOutOfDate
 from adapters_store.head import head_from_state
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter
-from adapters_store.transforms import eval_transform
+from adapters_store.transforms import adapter_image_size, eval_transform_for
 from server.main import create_app
 from tests.conftest import ADMIN_TOKEN, png_bytes, wait_ready
 
@@ -46,7 +46,7 @@ def golden(
         {k2: v for k2, v in state.items() if not k2.startswith(("head.", "text."))}
     )
     head = head_from_state({k2[5:]: v for k2, v in state.items() if k2.startswith("head.")})
-    tf = eval_transform(model)
+    tf = eval_transform_for(model, adapter_image_size(record.train_config, model))
     out = []
     for data in images:
         with torch.no_grad():

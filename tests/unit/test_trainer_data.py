@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adapters_store.transforms import CLIP_MEAN, CLIP_STD
 from trainer.data import (
     ImageDataset,
     UnreadableImagesWarning,
@@ -20,8 +21,6 @@ from trainer.errors import DataError
 from trainer.loaders import InfiniteBatchSampler, paired_loader
 from trainer.model import prompts
 from trainer.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
     eval_transform,
     strong_transform,
     train_transform,

@@ -33,8 +33,11 @@ _IMAGE_BODY = {
 }
 
 
-async def _images(request: Request, rt: Any) -> torch.Tensor:
+async def _images(
+    request: Request, rt: Any, train_config: dict[str, Any] | None = None
+) -> torch.Tensor:
     engine, _, _ = rt.require_ready()
+    transform = engine.transform_for(train_config)
     files, _ = await read_files(request, "file", rt.settings.max_images)
     if len(files) > rt.settings.max_images:
         raise ApiError(
@@ -43,7 +46,7 @@ async def _images(request: Request, rt: Any) -> torch.Tensor:
 
     def decode() -> torch.Tensor:
         return torch.stack(
-            [engine.transform(decode_image(data, rt.settings.max_image_pixels)) for data in files]
+            [transform(decode_image(data, rt.settings.max_image_pixels)) for data in files]
         )
 
     return await asyncio.to_thread(decode)
@@ -75,7 +78,7 @@ async def predict(
         raise ApiError(400, "invalid_request", "give version or alias, not both")
     rt.require_ready()
     record = await rt.resolve(task, version, alias)
-    images = await _images(request, rt)
+    images = await _images(request, rt, record.train_config)
     prepared = await rt.prepared(record)
     probs = await rt.predict(prepared, images)
     rt.metrics.request_latency.labels(task=record.task).observe(time.perf_counter() - start)

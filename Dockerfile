@@ -1,0 +1,24 @@
+# deltaclip server/trainer image. CPU by default; for NVIDIA GPUs build with
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
+# and reserve a GPU per replica (see docker-compose.yml).
+FROM python:3.11-slim-bookworm
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    DELTACLIP_HOME=/data DELTACLIP_HOST=0.0.0.0 DELTACLIP_PORT=8000
+
+RUN useradd --create-home --uid 10001 deltaclip && mkdir -p /data && chown deltaclip /data
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY alembic ./alembic
+COPY adapters_store ./adapters_store
+COPY trainer ./trainer
+COPY server ./server
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" torch==2.14.1 torchvision==0.29.1 \
+ && pip install --no-cache-dir -e .
+
+USER deltaclip
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
+  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
+CMD ["deltaclip", "serve"]

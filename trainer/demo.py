@@ -1,0 +1,224 @@
+"""``deltaclip demo``: real images, offline, from nothing to a running server in a few minutes.
+
+1. prepare Fashion-MNIST as a source domain and shifted target domains (``demo_data``);
+2. train one CMKD + RST adapter per target with the offline ImageNet-pretrained base and register
+   it in the embedded catalog (alias ``production``);
+3. start ``deltaclip serve`` as its own process, send held-out target images to ``/predict`` for
+   each task and print what came back and the accuracy;
+4. leave the server running, with the catalog page URL and a ``curl`` line to copy.
+
+The trainer never imports the server: the demo talks to it over HTTP, like any client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from adapters_store.bases import EFFLITE0
+from adapters_store.catalog import upgrade
+from adapters_store.config import StoreSettings
+
+from .data import IMAGE_EXTENSIONS, prompt_name
+from .demo_data import prepare_domains
+
+BATCH = 16
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free port on 127.0.0.1")
+
+
+def _start_server(
+    settings: StoreSettings, port: int, token: str, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DELTACLIP_HOME": str(settings.home), "DELTACLIP_BASE_MODEL": EFFLITE0[0],
+           "DELTACLIP_BASE_PRETRAINED": EFFLITE0[1], "DELTACLIP_ADMIN_TOKEN": token}  # fmt: skip
+    if settings.database_url:
+        env["DELTACLIP_DATABASE_URL"] = settings.database_url
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "adapters_store.cli", "serve", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited (status {proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the server did not become ready within {timeout:.0f}s; see {log}")
+
+
+def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
+    return [(p, prompt_name(cls.name)) for cls in sorted(folder.iterdir()) if cls.is_dir()
+            for p in sorted(cls.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
+
+
+def check_task(url: str, task: str, folder: Path) -> dict[str, Any]:
+    """Send every image of ``folder`` to ``/predict?task=`` and score the answers."""
+    import httpx
+
+    images = _labelled_images(folder)
+    correct, answered_by = 0, ""
+    examples: list[tuple[str, str, list[dict[str, Any]]]] = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for start in tqdm(
+            range(0, len(images), BATCH), desc=f"      /predict {task}", unit="req", leave=False
+        ):
+            chunk = images[start : start + BATCH]
+            files = [("file", (p.name, p.read_bytes(), "image/png")) for p, _ in chunk]
+            r = client.post("/predict", params={"task": task, "top_k": 3}, files=files)
+            r.raise_for_status()
+            body = r.json()
+            answered_by = f"v{body['version']} ({body['digest'][:12]}…)"
+            for (path, label), preds in zip(chunk, body["predictions"], strict=True):
+                correct += preds[0]["label"] == label
+                if len(examples) < 3:
+                    examples.append((path.parent.name + "/" + path.name, label, preds))
+    return {
+        "accuracy": correct / len(images),
+        "images": len(images),
+        "examples": examples,
+        "adapter": answered_by,
+    }
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    settings = StoreSettings(
+        **{k: v for k, v in {"home": args.home, "database_url": args.database_url}.items() if v}
+    )
+    home = settings.home
+    started = time.monotonic()
+    print(f"deltaclip demo — data, catalog and logs under {home}")
+    print("[1/5] preparing real-image domains")
+    folders, origin = prepare_domains(
+        home / "demo-data", args.shifts, source_per_class=args.images_per_class,
+        target_per_class=args.images_per_class, test_per_class=args.test_per_class,
+    )  # fmt: skip
+    print(f"      images: {origin}")
+    print(f"      source 'photo' ({sum(1 for _ in folders['photo'].rglob('*.png'))} images); targets: "
+          + ", ".join(f"'{s}'" for s in args.shifts))  # fmt: skip
+    print(f"[2/5] catalog: {settings.resolved_database_url}")
+    upgrade(settings.resolved_database_url)
+    print(
+        f"[3/5] training {len(args.shifts)} adapters (CMKD + RST) on base {EFFLITE0[0]}/{EFFLITE0[1]}:"
+    )
+    print(
+        "      an EfficientNet-Lite0 tower with real ImageNet weights; its text tower is random, so the"
+    )
+    print("      CMKD teacher carries no language knowledge here (see docs/STUDY.md)")
+    from . import main as train_main
+
+    trained: dict[str, dict[str, Any]] = {}
+    for shift in args.shifts:
+        task = f"photo2{shift}"
+        argv = ["--source", str(folders["photo"]), "--target", str(folders[shift]), "--task", task,
+                "--base-model", EFFLITE0[0], "--base-pretrained", EFFLITE0[1], "--home", str(home),
+                "--image-size", str(args.image_size), "--epochs", "1", "--iters", str(args.steps),
+                "--batch-size", str(BATCH), "--lr", str(args.lr), "--head-lr-mult", str(args.head_lr_mult),
+                "--alias", "production", "--restart"]  # fmt: skip
+        if settings.database_url:
+            argv += ["--database-url", settings.database_url]
+        print(f"      {task}: {args.steps} steps")
+        metrics = train_main(argv)
+        trained[task] = metrics
+        print(f"      {task} v{metrics['version']}: {metrics['nnz']:,} weights changed "
+              f"({metrics['density']:.4%} of the tower), target accuracy {metrics['target_accuracy']:.1%}")  # fmt: skip
+
+    port = _free_port(args.port)
+    url = f"http://127.0.0.1:{port}"
+    token = os.environ.get("DELTACLIP_ADMIN_TOKEN") or secrets.token_urlsafe(16)
+    log = home / "demo-server.log"
+    print(f"[4/5] starting the server: deltaclip serve --port {port} (log: {log})")
+    proc = _start_server(settings, port, token, log)
+    try:
+        _wait_ready(url, proc, log)
+        print(
+            f"[5/5] asking the server about held-out target images ({args.test_per_class} per class):"
+        )
+        for task in trained:
+            shift = task.removeprefix("photo2")
+            result = check_task(url, task, folders[f"test-{shift}"])
+            print(
+                f"      {task} {result['adapter']}: accuracy {result['accuracy']:.1%} on {result['images']} images"
+            )
+            for name, label, preds in result["examples"]:
+                top = ", ".join(f"{p['label']} {p['score']:.2f}" for p in preds)
+                print(f"        {name:<28} true: {label:<12} answer: {top}")
+        print(f"done in {time.monotonic() - started:.0f}s.")
+        print(f"\nThe server is running at {url}")
+        print(f"  catalog page:  {url}/catalog")
+        print(f"  API docs:      {url}/docs")
+        example = next(iter(_labelled_images(folders[f"test-{args.shifts[0]}"])))[0]
+        print(
+            f'  try:  curl -F file=@{example} "{url}/predict?task=photo2{args.shifts[0]}&top_k=3"'
+        )
+        print(f"  admin token for /admin/*: {token}")
+        if args.no_wait:
+            return 0
+        print("Press Ctrl-C to stop it.")
+        proc.wait()
+        return 0
+    except KeyboardInterrupt:
+        print("\nstopping the server")
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="train adapters on real images offline, serve them, and ask the server"
+    )
+    p.add_argument(
+        "--shifts",
+        nargs="+",
+        default=["sketch", "negative", "faded"],
+        choices=["sketch", "negative", "faded"],
+    )
+    p.add_argument("--images-per-class", type=int, default=60, help="per domain, for training")
+    p.add_argument(
+        "--test-per-class", type=int, default=20, help="held-out target images sent to the server"
+    )
+    p.add_argument("--steps", type=int, default=60, help="training steps per task")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-5, help="image-tower learning rate")
+    p.add_argument("--head-lr-mult", type=float, default=100.0)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--no-wait", action="store_true", help="stop the server and exit after the checks"
+    )
+    p.add_argument("--home", type=Path, help="data folder (DELTACLIP_HOME, default ~/.deltaclip)")
+    p.add_argument("--database-url", help="catalog URL (DELTACLIP_DATABASE_URL)")
+    p.set_defaults(func=run_demo)
