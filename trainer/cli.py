@@ -143,6 +143,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg, options, settings = config_from_args(args)
     result = train(cfg, options, settings)
+    if result.adapter_path is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return {}
     reg = result.registration
     return {
         "task": cfg.task,
@@ -157,6 +159,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = run_train(args)
+    if not out:
+        return 0
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0

@@ -31,6 +31,7 @@ from adapters_store.registry import Registration, Registry
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunOptions, TrainConfig
 from .data import ImageDataset, class_order, labelled, scan_domain
+from .distributed import assert_replicas_identical, barrier, from_environment, rank_device, shutdown
 from .errors import TrainError
 from .export import check_written, default_output, register, snap, verified_adapter
 from .loaders import default_workers, eval_loader, paired_loader
@@ -49,10 +50,12 @@ from .transforms import (
 
 @dataclass
 class TrainResult:
-    adapter_path: Path
+    """What a run produced; on ranks other than 0 of a ``torchrun`` job only ``config`` is set."""
+
+    adapter_path: Path | None
     metrics: dict[str, Any]
     config: TrainConfig
-    log_path: Path
+    log_path: Path | None
     registration: Registration | None = None
 
 
@@ -105,7 +108,10 @@ def train(
     class_names = class_order(source, target)
     if options.register:  # fail now, not after hours of training, if the catalog is unusable
         Registry.from_settings(settings).close()
-    device = resolve_device(options.device, settings)
+    ranks = from_environment()
+    device = rank_device(ranks, resolve_device(options.device, settings))
+    if not ranks.is_main:  # one voice per job: rank 0 logs, checkpoints, evaluates and writes
+        options = replace(options, progress=False)
     workers = default_workers() if options.num_workers is None else options.num_workers
     run_dir = options.run_dir or settings.home / "runs" / config.task
     ckpt_path = run_dir / "checkpoint.pt"
@@ -136,6 +142,8 @@ def train(
             session.load_state(saved["session"])
             set_rng_state(saved["rng"])
             history, sums, elapsed = saved["history"], saved["sums"], float(saved["elapsed"])
+        if ranks.enabled:
+            session.distribute(device)
         log = _Log(run_dir / "train_log.jsonl", history)
 
         size, resize = int(cfg.require(cfg.image_size, "image_size")), cfg.train_resize
@@ -150,7 +158,9 @@ def train(
             ImageDataset(src_samples, weak),
             ImageDataset(tgt_samples, target_tf),
             cfg.batch_size,
-            cfg.seed,
+            cfg.seed
+            if not ranks.enabled
+            else cfg.seed + 1_000_003 * ranks.rank,  # a shard per rank
             session.step,
             workers,
             pin,
@@ -163,6 +173,8 @@ def train(
         )
 
         def checkpoint() -> None:
+            if not ranks.is_main:
+                return
             save_checkpoint(ckpt_path, {
                 "config": cfg.to_dict(), "fingerprint": signature.fingerprint,
                 "session": session.state(), "rng": rng_state(), "history": history,
@@ -215,6 +227,10 @@ def train(
                 "head_lr": head_lr,
             }
             final = session.step >= cfg.total_steps
+            assert_replicas_identical(ranks, session.tower, f"after epoch {epoch + 1}")
+            if not ranks.is_main:
+                sums, started = {}, time.perf_counter()
+                continue
             if final or (options.eval_every and (epoch + 1) % options.eval_every == 0):
                 last_eval = session.evaluate(test_loader, class_names)
                 record["target_accuracy"] = last_eval["accuracy"]
@@ -229,6 +245,10 @@ def train(
             started = time.perf_counter()
             checkpoint()
         del batches
+        if not ranks.is_main:
+            barrier(ranks)  # rank 0 writes and registers the adapter
+            shutdown(ranks)
+            return TrainResult(None, {}, cfg, None)
 
         served, snapped = snap(session.base_state(), session.tower_state(), cfg.residual_dtype)
         if snapped:  # report, and store, exactly what the adapter will serve
@@ -271,7 +291,26 @@ def train(
             metrics=metrics,
             created_at=created_at,
         )
-    out = options.output or default_output(settings, cfg.task, created_at)
+    try:
+        return _write_and_register(
+            adapter, signature, settings, options, cfg, metrics, log.path, ckpt_path
+        )
+    finally:
+        barrier(ranks)
+        shutdown(ranks)
+
+
+def _write_and_register(
+    adapter: Any,
+    signature: Any,
+    settings: StoreSettings,
+    options: RunOptions,
+    cfg: TrainConfig,
+    metrics: dict[str, Any],
+    log_path: Path,
+    ckpt_path: Path,
+) -> TrainResult:
+    out = options.output or default_output(settings, cfg.task, adapter.meta.created_at)
     write_adapter(adapter, out)
     if not options.keep_checkpoint:  # the run is over: its result is on disk
         ckpt_path.unlink(missing_ok=True)
@@ -285,7 +324,7 @@ def train(
                 f"wrote {out} but could not register it ({exc}); "
                 f"register it later with `deltaclip adapters register {out}`"
             ) from exc
-    return TrainResult(out, metrics, cfg, log.path, registration)
+    return TrainResult(out, metrics, cfg, log_path, registration)
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

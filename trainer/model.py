@@ -110,6 +110,13 @@ class CMKDModel(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return cast(Any, self.net).encode_image(images).float()
 
+    def forward(self, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One training forward: the tower on all parts at once, then the task head on each part
+        separately (per-domain BatchNorm statistics) and the text head. A single ``forward`` per
+        step is also what DistributedDataParallel needs to synchronise gradients."""
+        features = self.features(torch.cat(parts)).split([p.shape[0] for p in parts])
+        return [self.head(f) for f in features], [self.teacher(f) for f in features]
+
     def head_parameters(self) -> list[nn.Parameter]:
         """The task head's trainable parameters (its BatchNorm bias is frozen at 0)."""
         return [p for p in self.head.parameters() if p.requires_grad]

@@ -66,6 +66,15 @@ class Session:
         self.step = 0
         self._set_lr()
         self.model.train()
+        # The module a training step calls: the model itself, or its DDP wrapper under torchrun.
+        self.runner: nn.Module = self.model
+
+    def distribute(self, device: torch.device) -> None:
+        """Average gradients across ``torchrun`` ranks with DistributedDataParallel."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        self.runner = DistributedDataParallel(self.model, device_ids=ids)
 
     def _set_lr(self) -> None:
         decay = (1.0 + self.cfg.lr_gamma * self.step) ** (-self.cfg.lr_decay)
@@ -83,24 +92,22 @@ class Session:
 
     def train_step(self, source: Any, target: Any) -> dict[str, torch.Tensor]:
         """One optimiser step on a (source, target) batch, then RST; returns the loss terms."""
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         xs, ys = self._to(source[0]), self._to(source[1])
         views = target[0] if cfg.fixmatch else [target[0]]
         use_target = cfg.method == "cmkd" or cfg.fixmatch
         parts = [xs] + ([self._to(v) for v in views] if use_target else [])
         with autocast(self.device, cfg.amp):
-            feats = model.features(torch.cat(parts)).split([p.shape[0] for p in parts])
-            src_h = model.head(feats[0])
+            heads, teachers = self.runner(parts)
+            src_h = heads[0]
             if use_target:
-                tgt_h, tgt_g = model.head(feats[1]), model.teacher(feats[1])
+                tgt_h, tgt_g = heads[1], teachers[1]
             if cfg.method == "cmkd":
-                terms = cmkd_loss(
-                    src_h, model.teacher(feats[0]), tgt_h, tgt_g, ys, self.step, self.weights
-                )
+                terms = cmkd_loss(src_h, teachers[0], tgt_h, tgt_g, ys, self.step, self.weights)
             else:
                 terms = source_only_loss(src_h, ys, self.weights)
             if cfg.fixmatch:
-                strong_h, strong_g = model.head(feats[2]), model.teacher(feats[2])
+                strong_h, strong_g = heads[2], teachers[2]
                 fm = fixmatch_loss(
                     tgt_h, tgt_g, strong_h, strong_g, cfg.fixmatch_threshold, cfg.fixmatch_weight
                 )
