@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,7 @@ class StoreSettings(BaseSettings):
     database_url: str | None = None
     base_model: str = "deltaclip-efflite0"
     base_pretrained: str = "imagenet"
+    blob_backend: Literal["auto", "filesystem", "database"] = "auto"
     device: str = "auto"  # "auto": CUDA when present, else CPU
     max_adapter_bytes: int = 1 << 30
     max_density: float = 0.5
@@ -30,7 +32,16 @@ class StoreSettings(BaseSettings):
 
     @property
     def blob_root(self) -> Path:
+        """The blob folder (the filesystem backend) or the local blob cache (database backend)."""
         return self.home / "blobs"
+
+    @property
+    def resolved_blob_backend(self) -> str:
+        """``auto``: blobs in the catalog database with PostgreSQL (replicas on several hosts
+        share it), in ``home/blobs`` with the embedded SQLite catalog."""
+        if self.blob_backend != "auto":
+            return self.blob_backend
+        return "database" if self.resolved_database_url.startswith("postgresql") else "filesystem"
 
     @property
     def resolved_device(self) -> str:

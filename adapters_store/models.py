@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     ForeignKeyConstraint,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     UniqueConstraint,
@@ -68,8 +69,8 @@ class AdapterRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     base_fingerprint: Mapped[str] = mapped_column(ForeignKey("base_models.fingerprint"), index=True)
-    source_domain: Mapped[str] = mapped_column(String(256), default="")
-    target_domain: Mapped[str] = mapped_column(String(256), default="")
+    source_domain: Mapped[str] = mapped_column(String(256), default="", index=True)
+    target_domain: Mapped[str] = mapped_column(String(256), default="", index=True)
     method: Mapped[str] = mapped_column(String(128), default="")
     class_names: Mapped[list[str]] = mapped_column(JSON)
     num_classes: Mapped[int] = mapped_column(Integer)
@@ -105,4 +106,18 @@ class AliasRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class BlobRow(Base):
+    """Adapter bytes kept in the catalog database, for replicas that share no filesystem
+    (``DELTACLIP_BLOB_BACKEND=database``, the default with PostgreSQL)."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    touched_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
     )

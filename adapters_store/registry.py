@@ -25,11 +25,23 @@ from .blobs import BlobStore, check_digest, sha256_hex
 from .catalog import Catalog
 from .codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
 from .config import StoreSettings
-from .errors import AdapterNotFound, AlreadyExists, BlobNotFound, ChecksumMismatch, IncompatibleBase
+from .dbblobs import DatabaseBlobStore
+from .errors import (
+    AdapterNotFound,
+    AlreadyExists,
+    BlobNotFound,
+    ChecksumMismatch,
+    IncompatibleBase,
+    InvalidAdapter,
+)
 from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
 from .names import check_name
 
 DEFAULT_ALIAS = "production"
+# Free-text metadata kept in catalog columns of these sizes (models.py). The file format allows
+# any text; the catalog refuses what it cannot store faithfully on every backend (PostgreSQL
+# rejects NUL in text and over-long VARCHARs) or show safely (control characters in pages, logs).
+_CATALOG_TEXT = {"source_domain": 256, "target_domain": 256, "method": 128, "created_at": 64}
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,17 @@ def _iso(value: dt.datetime | None) -> str:
     return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+def _check_catalog_text(adapter: Adapter) -> None:
+    for key, longest in _CATALOG_TEXT.items():
+        value: str = getattr(adapter.meta, key)
+        if len(value) > longest or any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in value):
+            shown = repr(value) if len(value) <= 80 else repr(value[:80]) + "…"
+            raise InvalidAdapter(
+                "metadata",
+                f"{key} {shown} must be at most {longest} characters, none of them control characters",
+            )
+
+
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
     dialect = session.get_bind().dialect.name
     ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
@@ -116,7 +139,12 @@ def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None
 
 
 class Registry:
-    def __init__(self, catalog: Catalog, blobs: BlobStore, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        blobs: BlobStore | DatabaseBlobStore,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         self.catalog = catalog
         self.blobs = blobs
         self.limits = limits
@@ -126,11 +154,13 @@ class Registry:
         cls, settings: StoreSettings | None = None, *, check_schema: bool = True
     ) -> Registry:
         settings = settings or StoreSettings()
-        return cls(
-            Catalog(settings.resolved_database_url, check_schema=check_schema),
-            BlobStore(settings.blob_root),
-            settings.limits,
-        )
+        catalog = Catalog(settings.resolved_database_url, check_schema=check_schema)
+        blobs: BlobStore | DatabaseBlobStore
+        if settings.resolved_blob_backend == "database":
+            blobs = DatabaseBlobStore(catalog, settings.blob_root)
+        else:
+            blobs = BlobStore(settings.blob_root)
+        return cls(catalog, blobs, settings.limits)
 
     def close(self) -> None:
         self.catalog.dispose()
@@ -151,6 +181,7 @@ class Registry:
         if existing is None:
             adapter = decode_adapter(data, self.limits)
             check_against_base(adapter, base, self.limits)
+            _check_catalog_text(adapter)
             self.blobs.put(data, digest)
             try:
                 record = self._insert(adapter, digest, len(data), base)

@@ -112,12 +112,29 @@ def test_invalid_files_leave_nothing_behind(registry: Registry, tiny) -> None:  
     assert list(registry.blobs.digests()) == []
 
 
-def test_corrupted_blob_is_detected_on_read(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    rec = registry.register(_file(tiny, "t"), tiny[1]).record
-    path = registry.blobs.path_for(rec.digest)
+def corrupt(registry: Registry, digest: str) -> None:
+    """Flip a byte of the stored copy that the store trusts (file, or database row + cache)."""
+    from sqlalchemy import update
+
+    from adapters_store.dbblobs import DatabaseBlobStore
+    from adapters_store.models import BlobRow
+
+    if isinstance(registry.blobs, DatabaseBlobStore):
+        data = bytearray(registry.blobs.get(digest))
+        data[-3] ^= 0xFF
+        with registry.catalog.write() as s:
+            s.execute(update(BlobRow).where(BlobRow.digest == digest).values(data=bytes(data)))
+        registry.blobs.cache.delete(digest)
+        return
+    path = registry.blobs.path_for(digest)
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
+
+
+def test_corrupted_blob_is_detected_on_read(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
+    rec = registry.register(_file(tiny, "t"), tiny[1]).record
+    corrupt(registry, rec.digest)
     with pytest.raises(ChecksumMismatch):
         registry.load(rec)
     report = registry.fsck()

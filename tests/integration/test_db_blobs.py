@@ -1,0 +1,58 @@
+"""Blobs in the catalog database: shared by replicas on different hosts, cached locally by digest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapters_store.bases import TINY
+from adapters_store.catalog import upgrade
+from adapters_store.codec import encode_adapter
+from adapters_store.config import StoreSettings
+from adapters_store.dbblobs import DatabaseBlobStore
+from adapters_store.errors import BlobNotFound
+from adapters_store.registry import Registry
+from adapters_store.synthetic import random_adapter
+
+
+def _replica(url: str, home: Path, backend: str = "auto") -> Registry:
+    return Registry.from_settings(StoreSettings(home=home, database_url=url, blob_backend=backend,
+                                                base_model=TINY[0], base_pretrained=TINY[1]))  # fmt: skip
+
+
+@pytest.mark.postgres
+def test_postgres_defaults_to_database_blobs_shared_across_hosts(
+    pg_url: str, tmp_path: Path, tiny
+) -> None:  # type: ignore[no-untyped-def]
+    upgrade(pg_url)
+    a, b = _replica(pg_url, tmp_path / "host-a"), _replica(pg_url, tmp_path / "host-b")
+    assert isinstance(a.blobs, DatabaseBlobStore)
+    data = encode_adapter(random_adapter(*tiny, "shared"))
+    rec = a.register(data, tiny[1]).record
+    assert not (tmp_path / "host-b" / "blobs").exists()  # nothing on host b's disk yet
+    assert b.read_bytes(b.resolve("shared")) == data  # fetched from the database, verified
+    assert b.blobs.path_for(rec.digest).read_bytes() == data  # and cached locally by digest
+    # A damaged cache file is never trusted: the row is read again and the cache rewritten.
+    b.blobs.path_for(rec.digest).write_bytes(b"rotten")
+    assert b.read_bytes(rec) == data and b.blobs.path_for(rec.digest).read_bytes() == data
+    a.delete("shared", 1)
+    assert b.gc(grace_seconds=0) == [rec.digest]
+    with pytest.raises(BlobNotFound):
+        DatabaseBlobStore(b.catalog, tmp_path / "host-c" / "blobs").get(rec.digest)
+    assert a.fsck(repair=True).orphan_blobs == [] and b.fsck().clean
+    a.close()
+    b.close()
+
+
+def test_database_backend_also_works_on_sqlite(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    reg = _replica(url, tmp_path / "home", backend="database")
+    data = encode_adapter(random_adapter(*tiny, "t"))
+    rec = reg.register(data, tiny[1]).record
+    assert reg.register(data, tiny[1]).record.version == rec.version == 1
+    assert list(reg.blobs.digests()) == [rec.digest]
+    reg.blobs.cache.delete(rec.digest)
+    assert reg.load(rec).meta.task == "t"
+    reg.close()
