@@ -36,6 +36,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_nginx(args: argparse.Namespace) -> int:
+    from .deploy import nginx_conf
+
+    text = nginx_conf(args.upstream, args.listen, max_body=args.max_body)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve predictions, the catalog and the admin API over HTTP")
     p.add_argument("--host", help="bind address (DELTACLIP_HOST, default 127.0.0.1)")
@@ -65,3 +77,15 @@ def register(sub: Any) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser("deploy", help="deployment configuration").add_subparsers(
+        dest="deploy_command", required=True
+    )
+    p = deploy.add_parser("nginx", help="an nginx front routing each task to one replica")
+    p.add_argument(
+        "--upstream", action="append", required=True, metavar="HOST:PORT", help="a replica (repeat)"
+    )
+    p.add_argument("--listen", default="8080", help="nginx listen address/port")
+    p.add_argument("--max-body", default="256m", help="largest request body")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_deploy_nginx)

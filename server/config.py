@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -27,3 +29,7 @@ class ServerSettings(StoreSettings):
     )
     max_images: int = Field(64, ge=1, description="images per /predict request")
     retry_after_s: int = 1
+    replica_name: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
+        description="sent as X-Deltaclip-Replica on every response (which replica answered)",
+    )

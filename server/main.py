@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from . import errors
 from .api.routes import adapters, admin, catalog, health, predict
 from .config import ServerSettings
-from .limits import BodyLimitMiddleware, BodyTooLarge
+from .limits import BodyLimitMiddleware, BodyTooLarge, ReplicaHeaderMiddleware
 from .runtime import Runtime
 
 log = logging.getLogger("deltaclip.server")
@@ -56,4 +56,5 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         )
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(ReplicaHeaderMiddleware, name=settings.replica_name)
     return app

@@ -1,0 +1,163 @@
+"""Several `deltaclip serve` replicas over one PostgreSQL catalog behind nginx, on loopback:
+task-affinity routing, cross-replica consistency of register/alias/delete, and failover when a
+replica is killed mid-load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters_store.catalog import upgrade
+from adapters_store.codec import encode_adapter
+from adapters_store.synthetic import random_adapter
+from server.deploy import nginx_conf
+from tests.conftest import ADMIN_TOKEN, png_bytes
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+IMG = {"content": png_bytes(0), "headers": {"content-type": "image/png"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{url} exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready")
+
+
+@pytest.fixture
+def cluster(pg_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Three replicas (each with its own home, as on separate hosts) and nginx in front."""
+    upgrade(pg_url)
+    replicas: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+    for i in range(3):
+        port = free_port()
+        env = {**os.environ, "DELTACLIP_HOME": str(tmp_path / f"host-{i}"), "DELTACLIP_DATABASE_URL": pg_url,
+               "DELTACLIP_BASE_MODEL": "deltaclip-tiny", "DELTACLIP_BASE_PRETRAINED": "random",
+               "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN, "DELTACLIP_REPLICA_NAME": f"replica-{i}",
+               "OMP_NUM_THREADS": "1"}  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "adapters_store.cli", "serve", "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        replicas[f"replica-{i}"] = (f"http://127.0.0.1:{port}", proc)
+    front = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_conf([u.removeprefix("http://") for u, _ in replicas.values()], f"127.0.0.1:{front}",
+                               pid=str(tmp_path / "nginx.pid"), error_log=str(tmp_path / "nginx-error.log"),
+                               daemon=False))  # fmt: skip
+    nginx = subprocess.Popen(
+        ["nginx", "-p", str(tmp_path), "-c", str(conf)], stderr=subprocess.DEVNULL
+    )
+    try:
+        for url, proc in replicas.values():
+            wait_ready(url, proc)
+        yield f"http://127.0.0.1:{front}", replicas
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        for _, proc in replicas.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+
+
+def test_routing_consistency_and_failover(cluster, tiny) -> None:  # type: ignore[no-untyped-def]
+    front, replicas = cluster
+    urls = [u for u, _ in replicas.values()]
+    tasks = [f"task{i}" for i in range(8)]
+    for i, task in enumerate(tasks):  # registered through one replica only
+        r = httpx.post(f"{urls[0]}/admin/adapters", files={"file": ("a", encode_adapter(random_adapter(*tiny, task, seed=i)))},
+                       headers=AUTH)  # fmt: skip
+        assert r.status_code == 201, r.text
+
+    # Affinity: every request for a task lands on the same replica; tasks spread over replicas.
+    owner: dict[str, str] = {}
+    with httpx.Client(base_url=front, timeout=30) as c:
+        for _ in range(3):
+            for task in tasks:
+                r = c.post(f"/predict?task={task}", **IMG)
+                assert r.status_code == 200, r.text
+                owner.setdefault(task, r.headers["x-deltaclip-replica"])
+                assert r.headers["x-deltaclip-replica"] == owner[task]
+    assert len(set(owner.values())) >= 2
+
+    # Consistency: a change made through any replica holds on every replica once it returned.
+    assert httpx.post(f"{urls[1]}/admin/adapters", files={"file": ("a", encode_adapter(random_adapter(*tiny, "task0", seed=99)))},
+                      headers=AUTH).status_code == 201  # fmt: skip
+    assert (
+        httpx.put(
+            f"{urls[2]}/admin/adapters/task0/aliases/production", json={"version": 1}, headers=AUTH
+        ).status_code
+        == 200
+    )
+    assert {httpx.post(f"{u}/predict?task=task0", **IMG).json()["version"] for u in urls} == {1}
+    assert (
+        httpx.delete(f"{urls[0]}/admin/adapters/task0/versions/1", headers=AUTH).status_code == 200
+    )
+    assert {httpx.post(f"{u}/predict?task=task0", **IMG).json()["version"] for u in urls} == {
+        2
+    }  # alias went with v1
+    assert (
+        httpx.delete(f"{urls[1]}/admin/adapters/task1/versions/1", headers=AUTH).status_code == 200
+    )
+    assert {httpx.post(f"{u}/predict?task=task1", **IMG).status_code for u in urls} == {404}
+    live = [t for t in tasks if t != "task1"]
+
+    # Failover: kill -9 the replica that owns the most tasks while clients keep sending.
+    victim = Counter(owner[t] for t in live).most_common(1)[0][0]
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=front, timeout=30) as c:
+            k = n
+            while not stop.is_set():
+                task = live[k % len(live)]
+                k += 1
+                try:
+                    r = c.post(f"/predict?task={task}", **IMG)
+                    statuses[r.status_code] += 1
+                    if r.status_code != 200:
+                        failures.append(f"{task}: {r.status_code}")
+                except httpx.TransportError as exc:
+                    failures.append(f"{task}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    replicas[victim][1].send_signal(signal.SIGKILL)
+    killed_at = sum(statuses.values())
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    total = sum(statuses.values())
+    assert total - killed_at > 20, statuses  # the cluster kept serving after the kill
+    assert len(failures) <= len(threads), failures  # at most the requests in flight at the kill
+    with httpx.Client(base_url=front, timeout=30) as c:  # every task is served by a survivor
+        for task in live:
+            r = c.post(f"/predict?task={task}", **IMG)
+            assert r.status_code == 200 and r.headers["x-deltaclip-replica"] != victim
