@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
+from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -349,22 +349,23 @@ class Registry:
         conds = []
         if task is not None:
             conds.append(AdapterRow.task == task)
-        if base is not None:
-            conds.append(or_(BaseModelRow.model == base, BaseModelRow.fingerprint == base))
+        if base is not None:  # resolved on the small base table, then an indexed IN on adapters
+            fingerprints = select(BaseModelRow.fingerprint).where(
+                or_(BaseModelRow.model == base, BaseModelRow.fingerprint == base)
+            )
+            conds.append(AdapterRow.base_fingerprint.in_(fingerprints))
         if domain is not None:
             conds.append(
                 or_(AdapterRow.source_domain == domain, AdapterRow.target_domain == domain)
             )
-        where = and_(*conds) if conds else None
-        stmt = self._query()
-        count = (
-            select(func.count())
-            .select_from(AdapterRow)
-            .join(BaseModelRow, BaseModelRow.fingerprint == AdapterRow.base_fingerprint)
-        )
-        if where is not None:
-            stmt, count = stmt.where(where), count.where(where)
-        stmt = stmt.order_by(AdapterRow.task, AdapterRow.version.desc()).limit(limit).offset(offset)
+        # Page first (ordered on the (task, version) index), then join the base names for
+        # just that page; the count never joins.
+        page = select(AdapterRow.id).where(*conds)
+        page = page.order_by(AdapterRow.task, AdapterRow.version.desc()).limit(limit).offset(offset)
+        ids = page.subquery()
+        stmt = self._query().join(ids, ids.c.id == AdapterRow.id)
+        stmt = stmt.order_by(AdapterRow.task, AdapterRow.version.desc())
+        count = select(func.count()).select_from(AdapterRow).where(*conds)
         with self.catalog.read() as s:
             return Page(self._records(s, stmt), int(s.execute(count).scalar_one()), limit, offset)
 
