@@ -37,6 +37,17 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def _file_sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -69,10 +80,11 @@ class BlobStore:
         if digest is not None and digest != actual:
             raise ChecksumMismatch(f"data hashes to {actual}, not the announced {digest}")
         final = self.path_for(actual)
-        if final.is_file():
+        if final.is_file() and _file_sha256(final) == actual:
             # Refresh mtime so a concurrent gc with a grace period keeps a blob being re-registered.
             os.utime(final)
             return actual
+        # Absent, or corrupted on disk: (re)write it, atomically replacing any damaged copy.
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=final.parent)
         try:

@@ -190,9 +190,11 @@ def _check_header(data: bytes, limits: Limits) -> tuple[dict[str, str], dict[str
     if n > limits.max_header_bytes:
         raise AdapterTooLarge(f"header declares {n} bytes, the limit is {limits.max_header_bytes}")
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise _bad("not-safetensors", "header is not UTF-8") from None
+    except _DuplicateKey as exc:
+        raise _bad("not-safetensors", f"header has the key {_show(exc.key)} twice") from None
     except (ValueError, RecursionError):
         raise _bad("not-safetensors", "header is not valid JSON (or nested too deeply)") from None
     if not isinstance(header, dict):
@@ -242,6 +244,33 @@ def _check_header(data: bytes, limits: Limits) -> tuple[dict[str, str], dict[str
     return raw_meta, header
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Refuse duplicate JSON keys: readers disagree on which copy wins, so none may be trusted."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
 def _show(name: object) -> str:
     """A name made safe for messages and logs (control characters escaped, length bounded)."""
     text = repr(name)
@@ -250,9 +279,10 @@ def _show(name: object) -> str:
 
 def _json_meta(meta: dict[str, str], key: str, kind: type) -> Any:
     try:
-        value = json.loads(meta[key])
+        # NaN and Infinity are not JSON: PostgreSQL's json type and strict clients refuse them.
+        value = json.loads(meta[key], parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise _bad("metadata", f"{key} is not valid JSON") from None
+        raise _bad("metadata", f"{key} is not valid JSON (NaN and Infinity are not)") from None
     if not isinstance(value, kind):
         raise _bad("metadata", f"{key} must be a JSON {kind.__name__}")
     return value

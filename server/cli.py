@@ -31,8 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    # h11 bounds request heads (64 KiB); uvicorn's default httptools parser buffers them unbounded.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
-                h11_max_incomplete_event_size=64 * 1024)  # fmt: skip
+                http="h11", h11_max_incomplete_event_size=64 * 1024)  # fmt: skip
     return 0
 
 

@@ -28,6 +28,9 @@ class ServerSettings(StoreSettings):
         40_000_000, ge=1, description="largest decoded image (Pillow's own limit is ~89 M)"
     )
     max_images: int = Field(64, ge=1, description="images per /predict request")
+    max_request_pixels: int = Field(
+        200_000_000, ge=1, description="decoded pixels per /predict request, all images together"
+    )
     retry_after_s: int = 1
     replica_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",

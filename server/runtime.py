@@ -54,8 +54,9 @@ class Runtime:
             sig = await asyncio.to_thread(signature_of, net, s.base_model, s.base_pretrained)
             engine = await asyncio.to_thread(Engine, net, sig, s.resolved_device, s.dtype)
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("base model failed to load: %s", self.load_error)
+            # Clients learn that it failed; the detail (it may name files) goes to the log only.
+            self.load_error = "the base model failed to load; see the server log"
+            log.error("base model failed to load: %s: %s", type(exc).__name__, exc)
             return
         self.engine, self.loaded_fingerprint = engine, sig.fingerprint
         self.cache = AdapterCache(self._prepare, s.cache_bytes, self.metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -279,7 +280,8 @@ def test_not_ready_until_the_base_loads(server_settings) -> None:  # type: ignor
 
         time.sleep(0.5)
         r = c.get("/readyz")
-        assert r.status_code == 503 and "cannot load base" in r.json()["reason"]
+        assert r.status_code == 503 and "failed to load" in r.json()["reason"]
+        assert "nonexistent" not in r.text  # the detail (a path) is for the log, not for clients
         assert c.get("/healthz").status_code == 503
         r = c.post("/predict?task=t", content=png_bytes(0), headers={"content-type": "image/png"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
@@ -350,4 +352,23 @@ def test_backpressure_503_and_timeout_504(server_settings, tiny, admin) -> None:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1"
         engine.run = original
+        runtime = app.state.runtime
+        deadline = time.monotonic() + 10  # the abandoned job may still sit in the size-1 queue
+        while runtime.batcher.depth and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert c.post("/predict?task=t", **img).status_code == 200
+
+
+def test_a_request_has_a_pixel_budget(server_settings, tiny, admin) -> None:  # type: ignore[no-untyped-def]
+    settings = server_settings.model_copy(
+        update={"max_request_pixels": 3000}
+    )  # one 48x40 image fits
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        register(c, admin, encode_adapter(random_adapter(*tiny, "t")))
+        one = [("file", ("a.png", png_bytes(0), "image/png"))]
+        assert c.post("/predict?task=t", files=one).status_code == 200
+        r = c.post("/predict?task=t", files=one * 2)
+        assert (
+            r.status_code == 413 and "together exceed 3,000 pixels" in r.json()["error"]["message"]
+        )

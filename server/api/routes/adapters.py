@@ -15,6 +15,9 @@ router = APIRouter(prefix="/adapters", tags=["catalog"])
 
 TaskPath = Annotated[str, Path(pattern=NAME_PATTERN)]
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
+# Free-text filters: any printable text, but no control characters (PostgreSQL refuses NUL in
+# text parameters, which would otherwise surface as a 500).
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
 @router.get("", summary="List adapters (filters combine; newest versions first within a task)")
@@ -22,10 +25,12 @@ async def list_adapters(
     rt: RuntimeDep,
     task: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     base: Annotated[
-        str | None, Query(max_length=256, description="base model name or fingerprint")
+        str | None,
+        Query(max_length=256, pattern=TEXT_PATTERN, description="base model name or fingerprint"),
     ] = None,
     domain: Annotated[
-        str | None, Query(max_length=256, description="source or target domain")
+        str | None,
+        Query(max_length=256, pattern=TEXT_PATTERN, description="source or target domain"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,

@@ -45,9 +45,19 @@ async def _images(
         )
 
     def decode() -> torch.Tensor:
-        return torch.stack(
-            [transform(decode_image(data, rt.settings.max_image_pixels)) for data in files]
-        )
+        budget, tensors = rt.settings.max_request_pixels, []
+        for data in files:
+            limit = min(rt.settings.max_image_pixels, budget)
+            try:
+                image = decode_image(data, limit)
+            except ApiError as exc:
+                if exc.status == 413 and limit < rt.settings.max_image_pixels:
+                    raise ApiError(413, "image_too_large", "the request's images together exceed "
+                                   f"{rt.settings.max_request_pixels:,} pixels") from None  # fmt: skip
+                raise
+            budget -= image.width * image.height
+            tensors.append(transform(image))
+        return torch.stack(tensors)
 
     return await asyncio.to_thread(decode)
 
