@@ -276,10 +276,12 @@ def test_zero_shot_uses_the_text_head(client) -> None:  # type: ignore[no-untype
 def test_not_ready_until_the_base_loads(server_settings) -> None:  # type: ignore[no-untyped-def]
     settings = server_settings.model_copy(update={"base_pretrained": "/nonexistent/weights.pt"})
     with TestClient(create_app(settings)) as c:
-        import time
-
-        time.sleep(0.5)
         r = c.get("/readyz")
+        assert r.status_code == 503  # 503 while loading, and it stays 503 once loading failed
+        deadline = time.monotonic() + 30
+        while "loading" in r.json()["reason"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            r = c.get("/readyz")
         assert r.status_code == 503 and "failed to load" in r.json()["reason"]
         assert "nonexistent" not in r.text  # the detail (a path) is for the log, not for clients
         assert c.get("/healthz").status_code == 503
