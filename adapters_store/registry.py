@@ -10,8 +10,6 @@ grace period (so a concurrent re-registration of the same bytes can never lose i
 from __future__ import annotations
 
 import builtins
-import datetime as dt
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -36,89 +34,13 @@ from .errors import (
 )
 from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
 from .names import check_name
+from .records import AdapterRecord, FsckReport, Page, Registration, iso_utc
 
 DEFAULT_ALIAS = "production"
 # Free-text metadata kept in catalog columns of these sizes (models.py). The file format allows
 # any text; the catalog refuses what it cannot store faithfully on every backend (PostgreSQL
 # rejects NUL in text and over-long VARCHARs) or show safely (control characters in pages, logs).
 _CATALOG_TEXT = {"source_domain": 256, "target_domain": 256, "method": 128, "created_at": 64}
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """A catalog entry, detached from any database session."""
-
-    task: str
-    version: int
-    digest: str
-    base_fingerprint: str
-    base_model: str
-    base_pretrained: str
-    source_domain: str
-    target_domain: str
-    method: str
-    class_names: list[str]
-    residual_dtype: str
-    nnz: int
-    eligible_params: int
-    density: float
-    size_bytes: int
-    metrics: dict[str, Any]
-    train_config: dict[str, Any]
-    param_counts: dict[str, int]
-    created_at: str
-    registered_at: str
-    aliases: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """The listing view (no per-parameter counts, no train config)."""
-        out = self.to_dict()
-        for key in ("param_counts", "train_config", "class_names"):
-            out.pop(key)
-        out["num_classes"] = len(self.class_names)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class Registration:
-    record: AdapterRecord
-    created: bool
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[AdapterRecord]
-    total: int
-    limit: int
-    offset: int
-
-
-@dataclass
-class FsckReport:
-    dangling_rows: list[tuple[str, int, str]] = field(
-        default_factory=list
-    )  # row whose blob is missing
-    corrupt_blobs: list[str] = field(default_factory=list)
-    orphan_blobs: list[str] = field(default_factory=list)
-    temp_files: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return not (
-            self.dangling_rows or self.corrupt_blobs or self.orphan_blobs or self.temp_files
-        )
-
-
-def _iso(value: dt.datetime | None) -> str:
-    if value is None:
-        return ""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _check_catalog_text(adapter: Adapter) -> None:
@@ -266,7 +188,7 @@ class Registry:
                 train_config=dict(r.train_config),
                 param_counts=dict(r.param_counts),
                 created_at=r.adapter_created_at,
-                registered_at=_iso(r.registered_at),
+                registered_at=iso_utc(r.registered_at),
                 aliases=aliases.get((r.task, r.version), []),
             )
             for r, model, pretrained in rows
