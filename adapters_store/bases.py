@@ -23,10 +23,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .basenames import EFFLITE0 as EFFLITE0  # re-exported: the shipped bases
+from .basenames import TINY as TINY
 from .errors import BaseNotFound
 
-TINY = ("deltaclip-tiny", "random")
-EFFLITE0 = ("deltaclip-efflite0", "imagenet")
 RANDOM_PRETRAINED = "random"
 EFFLITE0_MEAN = (0.5, 0.5, 0.5)
 EFFLITE0_STD = (0.5, 0.5, 0.5)

@@ -14,15 +14,21 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .errors import AdapterTooLarge, InvalidAdapter
 
-_ST_DTYPES = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-}  # fmt: skip
+# Bytes per element of each safetensors dtype a v1 file may contain.
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def check_header(data: bytes, limits: Limits) -> tuple[dict[str, str], dict[str,
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad("not-safetensors", f"tensor {show(name)}: malformed entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _ST_DTYPES:
+        if dtype not in _ITEMSIZE:
             raise bad("not-safetensors", f"tensor {show(name)}: unsupported dtype {dtype!r}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad("not-safetensors", f"tensor {show(name)}: malformed shape")
@@ -107,7 +113,7 @@ def check_header(data: bytes, limits: Limits) -> tuple[dict[str, str], dict[str,
             and all(type(o) is int and o >= 0 for o in offsets)
         ):
             raise bad("not-safetensors", f"tensor {show(name)}: malformed data_offsets")
-        nbytes = math.prod(shape) * _ST_DTYPES[dtype][1]
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise bad(
                 "not-safetensors",

@@ -20,17 +20,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+from adapters_store.basenames import EFFLITE0
 
-from adapters_store.bases import EFFLITE0
-from adapters_store.catalog import upgrade
-from adapters_store.config import StoreSettings
+if TYPE_CHECKING:
+    from adapters_store.config import StoreSettings
 
-from .data import IMAGE_EXTENSIONS, prompt_name
-from .demo_data import prepare_domains
-
+# The command line loads this module to list commands: everything heavy is imported on use.
 BATCH = 16
 
 
@@ -76,6 +73,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
+    from .data import IMAGE_EXTENSIONS, prompt_name
+
     return [(p, prompt_name(cls.name)) for cls in sorted(folder.iterdir()) if cls.is_dir()
             for p in sorted(cls.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
 
@@ -83,6 +82,7 @@ def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
 def check_task(url: str, task: str, folder: Path) -> dict[str, Any]:
     """Send every image of ``folder`` to ``/predict?task=`` and score the answers."""
     import httpx
+    from tqdm import tqdm
 
     images = _labelled_images(folder)
     correct, answered_by = 0, ""
@@ -110,6 +110,11 @@ def check_task(url: str, task: str, folder: Path) -> dict[str, Any]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from adapters_store.catalog import upgrade
+    from adapters_store.config import StoreSettings
+
+    from .demo_data import prepare_domains
+
     settings = StoreSettings(
         **{k: v for k, v in {"home": args.home, "database_url": args.database_url}.items() if v}
     )
