@@ -222,7 +222,7 @@ def cmd_adapters_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_fsck(args: argparse.Namespace) -> int:
-    report = _registry(args).fsck(repair=args.repair)
+    report = _registry(args).fsck(repair=args.repair, grace_seconds=args.grace)
     if args.json:
         _print_json({**report.__dict__, "clean": report.clean})
     else:
@@ -340,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapters_gc)
     p = ad.add_parser("fsck", help="check catalog against blobs (dangling rows, orphan blobs)")
     p.add_argument("--repair", action="store_true")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="repair keeps orphan blobs younger than this (s)",
+    )
     p.add_argument("--json", action="store_true")
     _store_flags(p)
     p.set_defaults(func=cmd_adapters_fsck)

@@ -371,11 +371,12 @@ class Registry:
                 removed.append(digest)
         return removed
 
-    def fsck(self, repair: bool = False) -> FsckReport:
+    def fsck(self, repair: bool = False, grace_seconds: float = 3600.0) -> FsckReport:
         """Report (and with ``repair``, fix) disagreements between catalog and blobs.
 
-        Repair removes temporary files and orphan blobs, and deletes rows whose blob is missing
-        or corrupted (their bytes are gone; re-register the file to restore them).
+        Repair removes temporary files and orphan blobs older than ``grace_seconds`` (a younger
+        one may belong to a registration in flight, whose row is about to land), and deletes rows
+        whose blob is missing or corrupted (their bytes are gone; re-register the file).
         """
         report = FsckReport()
         with self.catalog.read() as s:
@@ -396,8 +397,12 @@ class Registry:
                 path.unlink(missing_ok=True)
                 report.repaired.append(f"removed temporary file {path.name}")
             for digest in report.orphan_blobs:
-                self.blobs.delete(digest)
-                report.repaired.append(f"removed orphan blob {digest}")
+                if (
+                    self.blobs.age_seconds(digest) >= grace_seconds
+                    and self._find_digest(digest) is None
+                ):
+                    self.blobs.delete(digest)
+                    report.repaired.append(f"removed orphan blob {digest}")
             for task, version, digest in report.dangling_rows:
                 self.delete(task, version)
                 if digest in report.corrupt_blobs:

@@ -40,7 +40,7 @@ def test_postgres_defaults_to_database_blobs_shared_across_hosts(
     assert b.gc(grace_seconds=0) == [rec.digest]
     with pytest.raises(BlobNotFound):
         DatabaseBlobStore(b.catalog, tmp_path / "host-c" / "blobs").get(rec.digest)
-    assert a.fsck(repair=True).orphan_blobs == [] and b.fsck().clean
+    assert a.fsck(repair=True, grace_seconds=0).orphan_blobs == [] and b.fsck().clean
     a.close()
     b.close()
 

@@ -139,7 +139,7 @@ def test_corrupted_blob_is_detected_on_read(registry: Registry, tiny) -> None:  
         registry.load(rec)
     report = registry.fsck()
     assert report.corrupt_blobs == [rec.digest] and not report.clean
-    registry.fsck(repair=True)
+    registry.fsck(repair=True, grace_seconds=0)
     assert registry.fsck().clean
     assert registry.list().total == 0
 
@@ -155,7 +155,7 @@ def test_gc_and_fsck_find_orphans(registry: Registry, tiny) -> None:  # type: ig
     assert registry.blobs.exists(rec.digest)
     registry.delete("t", 1)
     assert registry.gc(grace_seconds=0) == [rec.digest]
-    registry.fsck(repair=True)
+    registry.fsck(repair=True, grace_seconds=0)
     assert registry.fsck().clean
 
 
@@ -226,3 +226,12 @@ def test_concurrent_identical_registrations_yield_one_version(registry: Registry
     assert len(results) == 8
     assert {r.record.version for r in results} == {1}
     assert sum(r.created for r in results) == 1
+
+
+def test_fsck_repair_spares_a_fresh_orphan(registry: Registry) -> None:
+    """A blob without a row for a moment is a registration in flight: repair must not take it."""
+    fresh = registry.blobs.put(b"a registration whose row is about to land")
+    report = registry.fsck(repair=True)
+    assert report.orphan_blobs == [fresh] and registry.blobs.exists(fresh)
+    assert registry.fsck(repair=True, grace_seconds=0).repaired == [f"removed orphan blob {fresh}"]
+    assert not registry.blobs.exists(fresh)

@@ -85,7 +85,7 @@ def check_store(url: str, blob_root: Path, db_file: Path) -> Registry:
 
 def fsck_cli(home: Path, url: str, repair: bool, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:  # fmt: skip
     capsys.readouterr()
-    code = cli_main(["adapters", "fsck", "--json", "--home", str(home), "--database-url", url, *(["--repair"] if repair else [])])  # fmt: skip
+    code = cli_main(["adapters", "fsck", "--json", "--home", str(home), "--database-url", url, *(["--repair", "--grace", "0"] if repair else [])])  # fmt: skip
     report: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert code == (0 if repair or report["clean"] else 1)
     return report
