@@ -17,6 +17,7 @@ from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from . import maintenance
 from .adapter import Adapter, merge_state
 from .bases import BaseSignature
 from .blobs import BlobStore, check_digest, sha256_hex
@@ -27,8 +28,6 @@ from .dbblobs import DatabaseBlobStore
 from .errors import (
     AdapterNotFound,
     AlreadyExists,
-    BlobNotFound,
-    ChecksumMismatch,
     IncompatibleBase,
     InvalidAdapter,
 )
@@ -358,59 +357,11 @@ class Registry:
 
     def gc(self, grace_seconds: float = 3600.0) -> builtins.list[str]:
         """Delete blobs no catalog row references and untouched for ``grace_seconds``."""
-        referenced = self.referenced_digests()
-        removed = []
-        for digest in list(self.blobs.digests()):
-            # Re-check the catalog right before deleting: a registration may have landed meanwhile.
-            if (
-                digest not in referenced
-                and self.blobs.age_seconds(digest) >= grace_seconds
-                and self._find_digest(digest) is None
-                and self.blobs.delete(digest)
-            ):
-                removed.append(digest)
-        return removed
+        return maintenance.gc(self, grace_seconds)
 
     def fsck(self, repair: bool = False, grace_seconds: float = 3600.0) -> FsckReport:
-        """Report (and with ``repair``, fix) disagreements between catalog and blobs.
-
-        Repair removes temporary files and orphan blobs older than ``grace_seconds`` (a younger
-        one may belong to a registration in flight, whose row is about to land), and deletes rows
-        whose blob is missing or corrupted (their bytes are gone; re-register the file).
-        """
-        report = FsckReport()
-        with self.catalog.read() as s:
-            rows = s.execute(select(AdapterRow.task, AdapterRow.version, AdapterRow.digest)).all()
-        referenced = {d for _, _, d in rows}
-        for task, version, digest in rows:
-            try:
-                self.blobs.get(digest)
-            except BlobNotFound:
-                report.dangling_rows.append((task, version, digest))
-            except ChecksumMismatch:
-                report.corrupt_blobs.append(digest)
-                report.dangling_rows.append((task, version, digest))
-        report.orphan_blobs = [d for d in self.blobs.digests() if d not in referenced]
-        report.temp_files = [str(p) for p in self.blobs.temp_files()]
-        if repair:
-            for path in self.blobs.temp_files():
-                path.unlink(missing_ok=True)
-                report.repaired.append(f"removed temporary file {path.name}")
-            for digest in report.orphan_blobs:
-                if (
-                    self.blobs.age_seconds(digest) >= grace_seconds
-                    and self._find_digest(digest) is None
-                ):
-                    self.blobs.delete(digest)
-                    report.repaired.append(f"removed orphan blob {digest}")
-            for task, version, digest in report.dangling_rows:
-                self.delete(task, version)
-                if digest in report.corrupt_blobs:
-                    self.blobs.delete(digest)
-                report.repaired.append(
-                    f"removed {task} v{version}: its blob was missing or corrupted"
-                )
-        return report
+        """Report (and with ``repair``, fix) disagreements between catalog and blobs."""
+        return maintenance.fsck(self, repair, grace_seconds)
 
     # ------------------------------------------------------------------------------ export
 
