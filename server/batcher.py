@@ -1,10 +1,16 @@
 """Task-grouped dynamic batching on one worker thread that owns the model.
 
-Requests wait in a bounded queue. The worker takes what is waiting (up to ``max_batch`` images,
-or until ``max_wait`` has passed since the first one), groups the jobs by key (the adapter
-digest), runs the group of the adapter that is already patched first, then each other group
-with one swap, and hands results back to the event loop. A full queue is refused at once
-(503), and jobs whose caller gave up (504) are skipped.
+Requests wait in a bounded queue. The worker takes a *round*: everything that is waiting, after
+waiting up to ``max_wait`` for a first ``max_batch`` images to arrive. It groups the round's jobs
+by key (the adapter digest), runs the group of the adapter that is already patched first, then
+each other group in order of arrival with one swap, in forward passes of at most ``max_batch``
+images, and hands results back to the event loop. Taking the whole queue rather than its first
+``max_batch`` jobs is what keeps batches full when many tasks are busy: with 30 tasks and 480
+requests waiting, a round is 30 full batches and 30 swaps, not 30 batches of one image each.
+No job waits for one that arrived after its round was taken.
+
+At most ``queue_size`` jobs wait (queued or in the worker's current round, not yet run); one more
+is refused at once (503), and jobs whose caller gave up (504) are skipped.
 """
 
 from __future__ import annotations
@@ -68,7 +74,10 @@ class Batcher:
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: queue.Queue[Job | _Call | None] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._queue: queue.Queue[Job | _Call | None] = queue.Queue()
+        self._waiting = 0  # jobs submitted and not yet run or skipped
+        self._lock = threading.Lock()
         self._metrics = metrics
         self._current_key = current_key
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
@@ -83,18 +92,25 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Jobs waiting: queued, or taken into the worker's round and not yet run."""
+        return self._waiting
 
     def submit(self, key: Hashable, fn: BatchFn, images: torch.Tensor) -> Job:
         """Queue a job from the event loop; await ``job.future`` for the ``[N, C]`` result."""
         loop = asyncio.get_running_loop()
         job = Job(key, fn, images, loop.create_future(), loop)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
-        self._metrics.queue_depth.set(self._queue.qsize())
+        with self._lock:
+            if self._waiting >= self.queue_size:
+                raise QueueFull
+            self._waiting += 1
+        self._queue.put_nowait(job)
+        self._metrics.queue_depth.set(self._waiting)
         return job
+
+    def _started(self, n: int) -> None:
+        with self._lock:
+            self._waiting -= n
+        self._metrics.queue_depth.set(self._waiting)
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the worker thread between batches (e.g. to read the live weights)."""
@@ -106,15 +122,24 @@ class Batcher:
     # ------------------------------------------------------------------------------ worker
 
     def _collect(self, first: Job) -> tuple[list[Job], list[_Call], bool]:
+        """The round: everything waiting, after up to ``max_wait`` for ``max_batch`` images.
+
+        Terminates: admission keeps at most ``queue_size`` jobs waiting, and the jobs taken here
+        still count as waiting, so producers cannot outrun the drain."""
         jobs, calls, stop = [first], [], False
         images = first.images.shape[0]
         deadline = time.perf_counter() + self.max_wait_s
-        while images < self.max_batch:
-            timeout = deadline - time.perf_counter()
+        while True:
             try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                timeout = deadline - time.perf_counter()
+                if images >= self.max_batch or timeout <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    break
             if item is None:
                 stop = True
                 break
@@ -134,7 +159,6 @@ class Batcher:
                 self._run_call(item)
                 continue
             jobs, calls, stop = self._collect(item)
-            self._metrics.queue_depth.set(self._queue.qsize())
             self._run_jobs(jobs)
             for call in calls:
                 self._run_call(call)
@@ -152,26 +176,34 @@ class Batcher:
     def _run_jobs(self, jobs: list[Job]) -> None:
         groups: dict[Hashable, list[Job]] = {}
         for job in jobs:
-            if not job.abandoned:
-                groups.setdefault(job.key, []).append(job)
+            groups.setdefault(job.key, []).append(job)
         current = self._current_key()
         order = sorted(groups, key=lambda k: k != current)  # the patched adapter's group first
         for key in order:
             self._run_group(groups[key])
 
     def _run_group(self, group: list[Job]) -> None:
-        chunk: list[Job] = []
-        size = 0
-        for job in [*group, None]:
-            n = job.images.shape[0] if job is not None else 0
-            if chunk and (job is None or size + n > self.max_batch):
+        """Run one key's jobs in chunks of at most ``max_batch`` images. Abandonment is checked
+        as each chunk is formed: a round can be long, and a caller may give up meanwhile."""
+        i = 0
+        while i < len(group):
+            chunk: list[Job] = []
+            size = 0
+            while i < len(group):
+                job = group[i]
+                if job.abandoned:
+                    self._started(1)
+                elif chunk and size + job.images.shape[0] > self.max_batch:
+                    break
+                else:
+                    chunk.append(job)
+                    size += job.images.shape[0]
+                i += 1
+            if chunk:
                 self._run_chunk(chunk)
-                chunk, size = [], 0
-            if job is not None:
-                chunk.append(job)
-                size += n
 
     def _run_chunk(self, chunk: list[Job]) -> None:
+        self._started(len(chunk))
         images = torch.cat([j.images for j in chunk]) if len(chunk) > 1 else chunk[0].images
         self._metrics.batch_size.observe(images.shape[0])
         try:

@@ -112,3 +112,60 @@ def test_errors_reach_the_caller_and_the_worker_survives() -> None:
         return ok
 
     assert asyncio.run(main()).item() == 1.0
+
+
+def test_a_round_takes_the_whole_queue_so_interleaved_tasks_get_full_batches() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def fn_for(key: str):  # type: ignore[no-untyped-def]
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            calls.append((key, x.shape[0]))
+            return x
+
+        return fn
+
+    async def main() -> None:
+        b = make(max_batch=4, wait=0)
+        keys = ["a", "b", "c"] * 5  # 15 jobs, interleaved: the first 4 hold three tasks
+        jobs = [b.submit(k, fn_for(k), torch.zeros(1, 1)) for k in keys]
+        assert b.depth == 15
+        b.start()
+        await asyncio.gather(*(j.future for j in jobs))
+        assert b.depth == 0
+        b.stop()
+
+    asyncio.run(main())
+    # One round: per task a full batch of 4 and the remaining 1, tasks in order of arrival.
+    assert calls == [("a", 4), ("a", 1), ("b", 4), ("b", 1), ("c", 4), ("c", 1)]
+
+
+def test_jobs_taken_into_a_round_still_count_against_the_queue_limit() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    def fn_for(key: str):  # type: ignore[no-untyped-def]
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if key == "slow":
+                release.wait(5)
+            ran.append(key)
+            return x
+
+        return fn
+
+    async def main() -> None:
+        b = make(max_batch=1, wait=0, queue_size=3)
+        first = [b.submit(k, fn_for(k), torch.zeros(1, 1)) for k in ("slow", "b", "c")]
+        b.start()
+        await asyncio.sleep(0.1)  # the round [slow, b, c] is taken; "slow" runs
+        assert b.depth == 2  # b and c wait in the worker's round, not in the queue
+        d = b.submit("d", fn_for("d"), torch.zeros(1, 1))
+        with pytest.raises(QueueFull):
+            b.submit("e", fn_for("e"), torch.zeros(1, 1))
+        first[2].abandoned = True  # c's caller gives up while the round is running
+        release.set()
+        await asyncio.gather(first[0].future, first[1].future, d.future)
+        b.stop()
+        assert b.depth == 0
+
+    asyncio.run(main())
+    assert ran == ["slow", "b", "d"]
