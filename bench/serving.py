@@ -1,12 +1,15 @@
 """Serving benchmarks of issue #4, as ratios measured in one run on one machine.
 
     .venv/bin/python bench/serving.py [--device cpu|cuda] [--quick] [--out results.json]
+        [--sections swap,cold,throughput,http] [--clients 32,128,480]
 
 1. swap: fused patch+restore of a 0.5 %-density adapter on ViT-B-16 vs a batch-1 forward of the
-   image tower (and the per-tensor Python loop it replaces), at several densities;
+   image tower (and the per-tensor Python loop it replaces), at several densities: in isolation
+   (the same adapter patched and restored in a loop, cache-warm) and between forward passes (as
+   serving does it, after the forward has streamed the tower through the caches);
 2. cold load: store → prepared (read, SHA-256 verify, decode, validate, prepare);
 3. throughput: the real batcher + engine, closed-loop clients, all requests on one task vs spread
-   uniformly over 30 tasks, same batching settings;
+   uniformly over 30 tasks, same batching settings, at several numbers of requests in flight;
 4. HTTP: /predict batch-1 latency of a real `deltaclip serve` process vs the in-process forward.
 """
 
@@ -61,6 +64,31 @@ def _loop_swap(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
         flat.index_copy_(0, idx, saved)
 
 
+def _swap_between_forwards(
+    engine: Any, prepared: Any, x: torch.Tensor, repeat: int, sync: bool
+) -> list[float]:
+    """Patch + restore as serving does them: each after a forward pass has streamed the whole
+    tower through the caches (the isolated loop above re-writes the same, cache-warm lines)."""
+    out = []
+    for _ in range(repeat + 1):
+        engine.features(x)
+        t = _timed(lambda: engine.patcher.patch(prepared), sync)
+        engine.features(x)
+        t += _timed(lambda: engine.patcher.restore(prepared), sync)
+        out.append(t)
+    return out[1:]
+
+
+def _timed(fn: Any, sync: bool) -> float:
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def bench_swap(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
     from server.engine import Engine
 
@@ -76,11 +104,14 @@ def bench_swap(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
         t_loop = timeit(
             partial(_loop_swap, _per_tensor(engine, adapter)), max(10, repeat // 4), sync=sync
         )
+        t_ctx = _swap_between_forwards(engine, prepared, x, max(5, repeat // 15), sync)
         rows.append({
             "density": density, "nnz": prepared.nnz,
             "fused_p50_ms": median(t_fused) * 1e3, "fused_p99_ms": p(t_fused, 0.99) * 1e3,
             "loop_p50_ms": median(t_loop) * 1e3,
             "fused_vs_forward": median(t_fused) / median(forward), "loop_vs_forward": median(t_loop) / median(forward),
+            "in_context_p50_ms": median(t_ctx) * 1e3, "in_context_p99_ms": p(t_ctx, 0.99) * 1e3,
+            "in_context_vs_forward": median(t_ctx) / median(forward),
         })  # fmt: skip
     assert engine.patcher.is_pristine()
     return {"forward_b1_ms": median(forward) * 1e3, "rows": rows}
@@ -113,24 +144,31 @@ def bench_cold_load(net: Any, sig: Any, device: str, repeat: int) -> dict[str, A
 async def _closed_loop(
     batcher: Any, engine: Any, prepared: list[Any], n: int, clients: int
 ) -> float:
+    """Images per second over the middle half of ``n`` completions (no ramp-up, no drain)."""
     images = torch.randn(1, 3, 224, 224)
     rng = random.Random(0)
     order = [rng.choice(prepared) for _ in range(n)]
     it = iter(order)
+    done: list[float] = []
 
     async def client() -> None:
         for adapter in it:
             job = batcher.submit(adapter.digest, lambda x, a=adapter: engine.run(a, x), images)
             await job.future
+            done.append(time.perf_counter())
 
-    t = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return n / (time.perf_counter() - t)
+    lo, hi = n // 4, (3 * n) // 4
+    return (hi - lo) / (done[hi] - done[lo])
 
 
 def bench_throughput(
-    net: Any, sig: Any, device: str, n: int, max_batch: int, clients: int
+    net: Any, sig: Any, device: str, max_batch: int, clients: list[int], quick: bool
 ) -> dict[str, Any]:
+    """1 task vs 30 uniformly spread tasks, the real batcher and engine, closed-loop clients.
+
+    With ``clients`` requests in flight over 30 tasks a round holds ~clients/30 per task, so
+    the client counts go from ~1 per task (32) to a full batch per task (30 × max_batch)."""
     from server.batcher import Batcher
     from server.engine import Engine
     from server.metrics import Metrics
@@ -138,34 +176,46 @@ def bench_throughput(
     engine = Engine(net, sig, device, "float32")
     adapters = [engine.prepare(type("R", (), {"task": f"t{i}", "version": 1, "digest": f"d{i}"})(),
                                random_adapter(net, sig, f"t{i}", density=0.005, seed=i)) for i in range(30)]  # fmt: skip
-    results: dict[str, Any] = {"max_batch": max_batch, "clients": clients, "requests": n}
 
-    async def run(which: list[Any]) -> float:
+    async def run(which: list[Any], c: int, n: int) -> tuple[float, float]:
         metrics = Metrics()
-        batcher = Batcher(
-            max_batch,
-            0.002,
-            4096,
-            metrics,
-            lambda: engine.current.digest if engine.current else None,
-        )
+        batcher = Batcher(max_batch, 0.002, 4096, metrics,
+                          lambda: engine.current.digest if engine.current else None)  # fmt: skip
         batcher.start()
-        await _closed_loop(batcher, engine, which, max(clients, n // 10), clients)  # warm-up
-        rate = await _closed_loop(batcher, engine, which, n, clients)
+        rate = await _closed_loop(batcher, engine, which, n, c)
         batcher.stop()
-        return rate
+        hist = metrics.batch_size
+        mean_batch = _hist_mean(hist)
+        return rate, mean_batch
 
-    reps = []
-    for _ in range(3):  # alternate to cancel drift
-        one = asyncio.run(run(adapters[:1]))
-        thirty = asyncio.run(run(adapters))
-        reps.append((one, thirty))
-    results["one_task_rps"] = median([a for a, _ in reps])
-    results["thirty_tasks_rps"] = median([b for _, b in reps])
-    results["ratio"] = median([b / a for a, b in reps])
+    rows = []
+    for c in clients:
+        n = (96 if quick else 240) if c < 100 else 2 * c
+        reps = []
+        for _ in range(1 if quick else (3 if c < 100 else 2)):  # alternate to cancel drift
+            one, b1 = asyncio.run(run(adapters[:1], c, n))
+            thirty, b30 = asyncio.run(run(adapters, c, n))
+            reps.append((one, thirty, b1, b30))
+        row = {"clients": c, "requests": n, "reps": len(reps),
+               "one_task_ips": median([r[0] for r in reps]), "thirty_tasks_ips": median([r[1] for r in reps]),
+               "ratio": median([r[1] / r[0] for r in reps]),
+               "mean_batch_one": median([r[2] for r in reps]), "mean_batch_thirty": median([r[3] for r in reps])}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     engine.restore_base()
     assert engine.patcher.is_pristine()
-    return results
+    return {"max_batch": max_batch, "max_wait_ms": 2, "rows": rows}
+
+
+def _hist_mean(hist: Any) -> float:
+    total = count = 0.0
+    for metric in hist.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return total / count if count else 0.0
 
 
 def bench_http(net: Any, sig: Any, repeat: int) -> dict[str, Any]:
@@ -235,20 +285,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--clients", default="32,128,480", help="closed-loop clients per cell")
+    ap.add_argument("--sections", default="swap,cold,throughput,http")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     net, sig = vit_b16()
     q = args.quick
     out: dict[str, Any] = {"machine": machine(), "device": args.device}
-    out["swap"] = bench_swap(net, sig, args.device, repeat=40 if q else 300)
-    print(json.dumps(out["swap"], indent=1), flush=True)
-    out["cold_load"] = bench_cold_load(net, sig, args.device, repeat=5 if q else 30)
-    print(json.dumps(out["cold_load"], indent=1), flush=True)
-    n = 48 if q else (240 if args.device == "cpu" else 3000)
-    out["throughput"] = bench_throughput(net, sig, args.device, n=n, max_batch=16, clients=32)
-    print(json.dumps(out["throughput"], indent=1), flush=True)
-    if not args.skip_http and args.device == "cpu":
+    sections = set(args.sections.split(","))
+    if "swap" in sections:
+        out["swap"] = bench_swap(net, sig, args.device, repeat=40 if q else 300)
+        print(json.dumps(out["swap"], indent=1), flush=True)
+    if "cold" in sections:
+        out["cold_load"] = bench_cold_load(net, sig, args.device, repeat=5 if q else 30)
+        print(json.dumps(out["cold_load"], indent=1), flush=True)
+    if "throughput" in sections:
+        clients = [int(c) for c in args.clients.split(",")]
+        out["throughput"] = bench_throughput(net, sig, args.device, 16, clients, q)
+    if "http" in sections and not args.skip_http and args.device == "cpu":
         out["http"] = bench_http(net, sig, repeat=10 if q else 40)
         print(json.dumps(out["http"], indent=1), flush=True)
     if args.out:
