@@ -242,13 +242,16 @@ def _check_indices(key: str, idx: torch.Tensor) -> None:
         )
     if idx.numel() == 0:
         return
+    # Comparisons, not differences: a difference of int32 indices can overflow and pass.
+    later, earlier = idx[1:], idx[:-1]
+    if bool((idx[0] >= 0) & (later > earlier).all()):  # the common case, in one check
+        return
     if int(idx.min()) < 0:
         raise bad("indices-negative", f"{key}: negative index {int(idx.min())}")
-    step = idx[1:] - idx[:-1]
-    if bool((step == 0).any()):
-        raise bad("indices-duplicate", f"{key}: index {int(idx[1:][step == 0][0])} appears twice")
-    if bool((step < 0).any()):
-        raise bad("indices-sorted", f"{key}: indices are not in increasing order")
+    same = later == earlier
+    if bool(same.any()):
+        raise bad("indices-duplicate", f"{key}: index {int(later[same][0])} appears twice")
+    raise bad("indices-sorted", f"{key}: indices are not in increasing order")
 
 
 def _finite(name: str, t: torch.Tensor) -> None:

@@ -419,6 +419,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peft-batches", type=int, help="batches per in-process cell and repetition")
     ap.add_argument("--small-cache-adapters", type=int, default=4)
+    ap.add_argument("--caches", default="large,small", help="which cache sizes to run")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--max-load", type=float, default=0.7)
     ap.add_argument("--max-wait-s", type=float, default=1800.0)
@@ -476,6 +477,8 @@ def main() -> None:
         jpeg = jpeg_bytes()
         out["http"] = {}
         for cache, nbytes in caches.items():
+            if cache not in args.caches.split(","):
+                continue
             cells = [(1, "uniform")] + [
                 (n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")
             ]

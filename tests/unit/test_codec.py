@@ -507,6 +507,10 @@ CASES: list[Case] = [
          lambda c: _check(c, _edit_residual(c.adapter, c.key, _idx(c).to(torch.int64)))),
     Case("indices-negative", "minus-one", "negative index -1",
          lambda c: _decode(encode_adapter(_edit_residual(c.adapter, c.key, _set(_idx(c), 0, -1))))),
+    # int32 differences wrap: 2e9 followed by -2e9 "steps up" by 294,967,296 in int32.
+    Case("indices-negative", "int32-wraparound", "negative index -2000000000",
+         lambda c: _decode(encode_adapter(_edit_residual(
+             c.adapter, c.key, _set(_set(_idx(c), 0, 2_000_000_000), 1, -2_000_000_000))))),
     Case("indices-sorted", "swapped", "increasing order",
          lambda c: _decode(encode_adapter(_edit_residual(c.adapter, c.key, _swap01(_idx(c)))))),
     Case("indices-duplicate", "repeated", "appears twice",
