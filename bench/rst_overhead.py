@@ -9,7 +9,10 @@ interleaved step by step so machine drift hits all alike:
 
 - *plain*: the same step with RST switched off (``rst.apply`` does nothing): plain fine-tuning;
 - *rst*: the threshold reset after every optimiser step (the default τ);
-- *rst+budget*: the reset plus a ``--max-density 0.5 %`` budget (the global top-k).
+- *rst+budget*: the reset plus a ``--max-density 0.5 %`` budget (the global top-k), with the
+  learning rate ×1000 so that far more than 0.5 % of the weights move past τ in every step and
+  the budget's top-k really runs (at the default lr, random images move almost nothing past τ
+  in a few steps, and the budget would never bind).
 
 Reported per variant: median step time and the median time of ``rst.apply`` inside it; the
 overhead is ``apply / (step − apply)``, and the plain step as a cross-check.
@@ -18,6 +21,7 @@ overhead is ``apply / (step − apply)``, and the plain step as a cross-check.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,10 +43,11 @@ from trainer.transforms import image_size_of
 CLASSES = 10
 
 
-def make_session(max_density: float | None) -> tuple[Session, int]:
+def make_session(max_density: float | None, lr_scale: float = 1.0) -> tuple[Session, int]:
     net = build_base(*EFFLITE0)
     size = image_size_of(net)
     cfg = TrainConfig("src", "tgt", "bench", max_density=max_density).resolve(tower_kind(net), size)
+    cfg = dataclasses.replace(cfg, lr=float(cfg.require(cfg.lr, "lr")) * lr_scale)
     names = [f"class {i}" for i in range(CLASSES)]
     emb = text_embeddings(net, cfg.base_model, names, cfg.prompt_template)
     return Session(cfg, net, emb, logit_scale_of(net), torch.device("cpu")), size
@@ -73,9 +78,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     variants: dict[str, tuple[Session, Timed]] = {}
-    for name, enabled, density in (("plain", False, None), ("rst", True, None),
-                                   ("rst+budget", True, 0.005)):  # fmt: skip
-        session, size = make_session(density)
+    for name, enabled, density, lr_scale in (("plain", False, None, 1.0), ("rst", True, None, 1.0),
+                                             ("rst+budget", True, 0.005, 1000.0)):  # fmt: skip
+        session, size = make_session(density, lr_scale)
         variants[name] = (session, Timed(session, enabled))
     gen = torch.Generator().manual_seed(1)
     b = args.batch_size
@@ -101,6 +106,7 @@ def main() -> None:
             "variant": name, "step_ms": step * 1e3, "rst_apply_ms": apply * 1e3,
             "overhead": apply / (step - apply) if step > apply else None,
             "density_after": session.rst.recount() / session.rst.eligible,
+            "lr": session.cfg.lr,
         })  # fmt: skip
     plain = rows[0]["step_ms"]
     for row in rows:
