@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import BlobNotFound, ChecksumMismatch
 
@@ -54,6 +55,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def readable(store: Any, digest: str) -> bool:
+    """True when ``store.get(digest)`` returns the blob (``get`` verifies the checksum)."""
+    try:
+        store.get(digest)
+    except (BlobNotFound, ChecksumMismatch):
+        return False
+    return True
 
 
 class BlobStore:
@@ -150,8 +160,4 @@ class BlobStore:
 
     def verify(self, digest: str) -> bool:
         """True when the blob exists and its bytes hash to its name."""
-        try:
-            self.get(digest)
-        except (BlobNotFound, ChecksumMismatch):
-            return False
-        return True
+        return readable(self, digest)

@@ -36,6 +36,7 @@ from .errors import AdapterTooLarge, IncompatibleBase
 from .framing import DEFAULT_LIMITS, Limits, bad, canonical, check_header, show
 from .head import HEAD_TYPE, head_shapes
 from .names import PARAM_RE, is_valid_name
+from .residual_checks import check_finite, check_index_layout, check_residual
 
 RULES = (
     "not-safetensors",  # not a well-formed safetensors file (length, header, offsets, trailing bytes)
@@ -232,57 +233,6 @@ def _parse_meta(meta: dict[str, str], limits: Limits) -> AdapterMeta:
     )  # fmt: skip
 
 
-def _check_index_layout(key: str, idx: torch.Tensor) -> None:
-    if idx.dim() != 1:
-        raise bad("indices-shape", f"{key}: indices must be 1-D, got shape {tuple(idx.shape)}")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise bad(
-            "indices-dtype",
-            f"{key}: indices must be int32 (int64 for huge parameters), got {dtype_name(idx.dtype)}",
-        )
-
-
-def _check_indices(key: str, idx: torch.Tensor) -> None:
-    """Non-negative, strictly increasing (so no duplicates); names the first broken rule."""
-    if idx.numel() == 0:
-        return
-    # Comparisons, not differences: a difference of int32 indices can overflow and pass.
-    later, earlier = idx[1:], idx[:-1]
-    if bool((idx[0] >= 0) & (later > earlier).all()):
-        return
-    if int(idx.min()) < 0:
-        raise bad("indices-negative", f"{key}: negative index {int(idx.min())}")
-    same = later == earlier
-    if bool(same.any()):
-        raise bad("indices-duplicate", f"{key}: index {int(later[same][0])} appears twice")
-    raise bad("indices-sorted", f"{key}: indices are not in increasing order")
-
-
-def _check_residual(residual: dict[str, Residual]) -> None:
-    """Index order and finite values over all parameters at once (a few ops on the concatenated
-    tensors instead of a few per parameter, ~150 for ViT-B-16); when that finds a fault, the
-    per-parameter checks name the parameter and the rule."""
-    parts = [(k, r) for k, r in residual.items() if r.nnz]
-    if not parts:
-        return
-    flat = torch.cat([r.indices.to(torch.int64) for _, r in parts])
-    increasing = flat[1:] > flat[:-1]
-    first = torch.tensor([r.nnz for _, r in parts]).cumsum(0)[:-1]
-    increasing[first - 1] = True  # a new parameter starts: its indices restart from 0
-    if not bool((flat.min() >= 0) & increasing.all()):
-        for key, r in parts:
-            _check_indices(key, r.indices)
-    values = torch.cat([r.values for _, r in parts])
-    if not bool(torch.isfinite(values).all()):
-        for key, r in parts:
-            _finite(f"{key} values", r.values)
-
-
-def _finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise bad("values-finite", f"{name} contains NaN or Inf")
-
-
 def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
     """Parse and validate every base-independent rule of format v1.
 
@@ -325,7 +275,7 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
                 "residual-pair", f"{key}: has {sorted(kinds)} but needs both indices and values"
             )
         idx, val = tensors[f"residual/{key}/indices"], tensors[f"residual/{key}/values"]
-        _check_index_layout(key, idx)
+        check_index_layout(key, idx)
         if val.dtype != value_dtype:
             raise bad(
                 "values-dtype",
@@ -334,7 +284,7 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
         if val.dim() != 1 or val.numel() != idx.numel():
             raise bad("values-length", f"{key}: {val.numel()} values for {idx.numel()} indices")
         residual[key] = Residual(idx, val)
-    _check_residual(residual)
+    check_residual(residual)
     total = sum(r.nnz for r in residual.values())
     if total != meta.nnz:
         raise bad("metadata", f"nnz says {meta.nnz} but the residual holds {total} values")
@@ -354,7 +304,7 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
                 "head-shape",
                 f"head/{key} is {tuple(head[key].shape)} {dtype_name(head[key].dtype)}, expected {shape} {dtype_name(want)} for {classes} classes of dim {dim}",
             )
-        _finite(f"head/{key}", head[key])
+        check_finite(f"head/{key}", head[key])
     emb = tensors.get("text/class_embeddings")
     if emb is not None:
         if tuple(emb.shape) != (classes, dim) or emb.dtype != torch.float32:
@@ -362,7 +312,7 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
                 "head-shape",
                 f"text/class_embeddings is {tuple(emb.shape)}, expected ({classes}, {dim}) float32",
             )
-        _finite("text/class_embeddings", emb)
+        check_finite("text/class_embeddings", emb)
     return Adapter(meta=meta, residual=residual, head=head, class_embeddings=emb)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .blobs import BlobStore, check_digest, sha256_hex
+from .blobs import BlobStore, check_digest, readable, sha256_hex
 from .catalog import Catalog
 from .errors import BlobNotFound, ChecksumMismatch
 from .models import BlobRow
@@ -97,8 +97,4 @@ class DatabaseBlobStore:
         return (dt.datetime.now(dt.UTC) - touched).total_seconds()
 
     def verify(self, digest: str) -> bool:
-        try:
-            self.get(digest)
-        except (BlobNotFound, ChecksumMismatch):
-            return False
-        return True
+        return readable(self, digest)

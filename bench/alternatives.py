@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, p, timeit, vit_b16
+from common import finish_run, machine, median, p, timeit, vit_b16
 from serving import _loop_swap, _per_tensor
 
 from adapters_store.adapter import Adapter, merge_state
@@ -726,17 +726,7 @@ def main() -> None:
         del engine, setup
         gc.collect()
         out["exactness"] = bench_exactness([*adapters[0.005], *adapters[0.01]], args)
-    runs = previous.get("wall_s_by_run") or (
-        [{"sections": "all", "wall_s": previous["wall_s"], "command": previous.get("command")}]
-        if "wall_s" in previous
-        else []
-    )
-    run = {"sections": sorted(sections), "wall_s": time.perf_counter() - t_start, "command": out["command"]}  # fmt: skip
-    out["wall_s_by_run"] = [*runs, run]
-    out["wall_s"] = sum(r["wall_s"] for r in out["wall_s_by_run"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out} in {out['wall_s']:.0f}s", flush=True)
+    finish_run(out, previous, t_start, args.out, sections=sorted(sections))
 
 
 if __name__ == "__main__":

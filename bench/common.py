@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -25,20 +26,40 @@ def vit_b16() -> tuple[nn.Module, BaseSignature]:
     return net, signature_of(net, "ViT-B-16", "random")
 
 
+def time_once(fn: Callable[[], Any], sync: bool = False) -> float:
+    """Wall-clock seconds of one call (bracketed by ``cuda.synchronize()`` when ``sync``)."""
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 2, sync: bool = False) -> list[float]:
     """Wall-clock seconds of ``repeat`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    out = []
-    for _ in range(repeat):
-        if sync:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return out
+    return [time_once(fn, sync) for _ in range(repeat)]
+
+
+def finish_run(
+    out: dict[str, Any], previous: dict[str, Any], t_start: float, path: Path, **fields: Any
+) -> None:
+    """Append this run's wall time to ``wall_s_by_run`` (kept across ``--merge`` runs; a result
+    from before that list existed counts as one run), total it and write ``out`` to ``path``."""
+    runs = previous.get("wall_s_by_run") or (
+        [{**{k: "all" for k in fields}, "wall_s": previous["wall_s"], "command": previous.get("command")}]
+        if "wall_s" in previous
+        else []
+    )  # fmt: skip
+    run = {**fields, "wall_s": time.perf_counter() - t_start, "command": out["command"]}
+    out["wall_s_by_run"] = [*runs, run]
+    out["wall_s"] = sum(r["wall_s"] for r in out["wall_s_by_run"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path} in {out['wall_s']:.0f}s", flush=True)
 
 
 def p(values: list[float], q: float) -> float:

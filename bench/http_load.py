@@ -48,7 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alternatives import LORA_TARGETS, lora_params_per_rank, lora_rank_for, wait_for_quiet
-from common import machine, median, p
+from common import finish_run, machine, median, p, time_once
 
 from adapters_store.adapter import Adapter, AdapterMeta, Residual, utc_now_iso
 from adapters_store.bases import build_base, signature_of, tower_parameters
@@ -328,15 +328,6 @@ def bench_inprocess(
     plain = base_visual.to(device)
     x = torch.randn(args.max_batch, 3, 224, 224, device=device)
 
-    def timed(fn: Any) -> float:
-        if sync:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
     @torch.inference_mode()
     def deltaclip_batch(tasks: list[int]) -> None:
         groups: dict[int, list[int]] = {}
@@ -380,7 +371,7 @@ def bench_inprocess(
             seq = task_sequence(n, kind, args.max_batch * args.peft_batches, seed=rep * 31 + n)
             batches = [seq[i : i + args.max_batch] for i in range(0, len(seq), args.max_batch)]
             for name, fn in methods.items():
-                total = sum(timed(lambda b=b, fn=fn: fn(b)) for b in batches)
+                total = sum(time_once(lambda b=b, fn=fn: fn(b), sync) for b in batches)
                 times.setdefault((n, kind, name), []).append(len(seq) / total)
     engine.restore_base()
     assert engine.patcher.is_pristine()
@@ -495,19 +486,7 @@ def main() -> None:
             tmp.cleanup()
     if not args.skip_peft:
         out["inprocess"] = bench_inprocess(net, sig, args, args.density)
-    runs = previous.get("wall_s_by_run") or (
-        [{"wall_s": previous["wall_s"], "command": previous.get("command")}]
-        if "wall_s" in previous
-        else []
-    )
-    out["wall_s_by_run"] = [
-        *runs,
-        {"wall_s": time.perf_counter() - t_start, "command": out["command"]},
-    ]
-    out["wall_s"] = sum(r["wall_s"] for r in out["wall_s_by_run"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out} in {out['wall_s']:.0f}s", flush=True)
+    finish_run(out, previous, t_start, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, p, timeit, vit_b16
+from common import machine, median, p, time_once, timeit, vit_b16
 
 from adapters_store.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
@@ -72,21 +72,11 @@ def _swap_between_forwards(
     out = []
     for _ in range(repeat + 1):
         engine.features(x)
-        t = _timed(lambda: engine.patcher.patch(prepared), sync)
+        t = time_once(lambda: engine.patcher.patch(prepared), sync)
         engine.features(x)
-        t += _timed(lambda: engine.patcher.restore(prepared), sync)
+        t += time_once(lambda: engine.patcher.restore(prepared), sync)
         out.append(t)
     return out[1:]
-
-
-def _timed(fn: Any, sync: bool) -> float:
-    if sync:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if sync:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def bench_swap(net: Any, sig: Any, device: str, repeat: int) -> dict[str, Any]:
