@@ -13,6 +13,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY alembic ./alembic
 COPY adapters_store ./adapters_store
 COPY trainer ./trainer
+COPY deltaclip_demo ./deltaclip_demo
 COPY server ./server
 RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" torch==2.14.1 torchvision==0.29.1 \
  && pip install --no-cache-dir -e .

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .framing import Limits
+from .format.framing import Limits
 
 
 class StoreSettings(BaseSettings):

@@ -22,7 +22,6 @@ from .adapter import Adapter, merge_state
 from .bases import BaseSignature
 from .blobs import BlobStore, check_digest, sha256_hex
 from .catalog import Catalog
-from .codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
 from .config import StoreSettings
 from .dbblobs import DatabaseBlobStore
 from .errors import (
@@ -31,6 +30,7 @@ from .errors import (
     IncompatibleBase,
     InvalidAdapter,
 )
+from .format.codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
 from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
 from .names import check_name
 from .records import AdapterRecord, FsckReport, Page, Registration, iso_utc

@@ -11,7 +11,7 @@ with the same settings skips the runs already there, so a killed study resumes w
 stopped (``--fresh`` starts over). ``--report-only`` redraws the plot and prints the table from
 the JSON without training.
 
-The tasks are the demo's (``trainer/demo_data.py``): Fashion-MNIST ``photo`` as the labelled
+The tasks are the demo's (``deltaclip_demo/data.py``): Fashion-MNIST ``photo`` as the labelled
 source, ``sketch``, ``negative`` and ``faded`` as unlabelled targets, on the offline base
 ``deltaclip-efflite0/imagenet`` (real ImageNet EfficientNet-Lite0 image tower, *random* text
 tower). Every method uses the same data, seed, learning rates and step count; only the loss
@@ -58,10 +58,10 @@ if str(ROOT) not in sys.path:  # run as a file from a checkout without an instal
 
 from adapters_store.adapter import merge_state  # noqa: E402
 from adapters_store.bases import EFFLITE0, build_base, tower_parameters  # noqa: E402
-from adapters_store.codec import Limits, read_adapter  # noqa: E402
+from adapters_store.format.codec import Limits, read_adapter  # noqa: E402
 from adapters_store.head import head_from_state  # noqa: E402
+from deltaclip_demo.data import prepare_domains  # noqa: E402
 from trainer.cli import build_train_parser, config_from_args  # noqa: E402
-from trainer.demo_data import prepare_domains  # noqa: E402
 from trainer.evaluate import folder_data, predictions, report  # noqa: E402
 from trainer.loop import train  # noqa: E402
 

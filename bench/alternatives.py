@@ -52,7 +52,7 @@ from serving import _loop_swap, _per_tensor
 
 from adapters_store.adapter import Adapter, merge_state
 from adapters_store.bases import base_fingerprint
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 
 DENSITIES = (0.0005, 0.001, 0.005, 0.01)

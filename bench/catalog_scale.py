@@ -26,7 +26,7 @@ from common import machine, median, p
 from adapters_store.adapter import build_adapter
 from adapters_store.bases import TINY, build_base, signature_of, tower_parameters
 from adapters_store.catalog import upgrade
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.head import TaskHead
 from adapters_store.registry import Registry
 

@@ -52,7 +52,7 @@ from common import finish_run, machine, median, p, time_once
 
 from adapters_store.adapter import Adapter, AdapterMeta, Residual, utc_now_iso
 from adapters_store.bases import build_base, signature_of, tower_parameters
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.head import HEAD_TYPE, TaskHead
 
 ROOT = Path(__file__).resolve().parent.parent

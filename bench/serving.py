@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, p, time_once, timeit, vit_b16
 
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 
 

@@ -11,7 +11,7 @@ import torch
 
 from adapters_store.adapter import build_adapter
 from adapters_store.bases import signature_of, tower_parameters
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.head import TaskHead
 from adapters_store.synthetic import random_task_state
 

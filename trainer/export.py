@@ -16,9 +16,9 @@ import torch
 
 from adapters_store.adapter import RESIDUAL_DTYPES, Adapter, build_adapter, merge_state
 from adapters_store.bases import BaseSignature
-from adapters_store.codec import check_against_base, decode_adapter
 from adapters_store.config import StoreSettings
 from adapters_store.errors import InvalidAdapter
+from adapters_store.format.codec import check_against_base, decode_adapter
 from adapters_store.registry import Registration, Registry
 
 from .errors import ExactnessError, TrainError
@@ -111,7 +111,7 @@ def default_output(settings: StoreSettings, task: str, created_at: str) -> Path:
 def check_written(path: Path, signature: BaseSignature, settings: StoreSettings) -> bytes:
     """Validate a written adapter's bytes against the base exactly as the store will.
 
-    The file is written first (``adapters_store.codec.write_adapter``) so that a run's result is
+    The file is written first (``adapters_store.format.codec.write_adapter``) so that a run's result is
     never lost, even when the store would refuse it (say, a density above the store's limit).
 
     Raises:

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from adapters_store.adapter import utc_now_iso
 from adapters_store.bases import build_base, signature_of
-from adapters_store.codec import write_adapter
 from adapters_store.config import StoreSettings
+from adapters_store.format.codec import write_adapter
 from adapters_store.names import check_name
 from adapters_store.registry import Registration, Registry
 

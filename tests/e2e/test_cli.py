@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_store.codec import write_adapter
+from adapters_store.format.codec import write_adapter
 from adapters_store.synthetic import random_adapter
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.demo_data import DEBIAN_DIR
+from deltaclip_demo.data import DEBIAN_DIR
 
 
 @pytest.mark.slow

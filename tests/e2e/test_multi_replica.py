@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from adapters_store.catalog import upgrade
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from server.deploy import nginx_conf
 from tests.conftest import ADMIN_TOKEN, png_bytes

@@ -46,7 +46,7 @@ def test_upgrade_downgrade_upgrade_empty(db_url: str) -> None:
 
 
 def test_upgrade_downgrade_upgrade_populated(registry: Registry, tiny, db_url: str) -> None:  # type: ignore[no-untyped-def]
-    from adapters_store.codec import encode_adapter
+    from adapters_store.format.codec import encode_adapter
     from adapters_store.synthetic import random_adapter
 
     net, sig = tiny

@@ -8,10 +8,10 @@ import pytest
 
 from adapters_store.bases import TINY
 from adapters_store.catalog import upgrade
-from adapters_store.codec import encode_adapter
 from adapters_store.config import StoreSettings
 from adapters_store.dbblobs import DatabaseBlobStore
 from adapters_store.errors import BlobNotFound
+from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter
 

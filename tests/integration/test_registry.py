@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 
-from adapters_store.codec import encode_adapter
 from adapters_store.errors import (
     AdapterNotFound,
     ChecksumMismatch,
@@ -15,6 +14,7 @@ from adapters_store.errors import (
     InvalidAdapter,
     InvalidName,
 )
+from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter
 

@@ -13,8 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from adapters_store.codec import encode_adapter
 from adapters_store.errors import SchemaOutOfDate
+from adapters_store.format.codec import encode_adapter
 from adapters_store.head import head_from_state
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter

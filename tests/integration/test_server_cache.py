@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from server.main import create_app
 from tests.conftest import ADMIN_TOKEN, png_bytes, wait_ready

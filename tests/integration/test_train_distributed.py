@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from adapters_store.bases import TINY
-from adapters_store.codec import check_against_base, read_adapter
 from adapters_store.config import StoreSettings
+from adapters_store.format.codec import check_against_base, read_adapter
 from adapters_store.registry import Registry
-from trainer.synthetic import make_domains
+from tests.synthetic_domains import make_domains
 
 
 def test_two_gloo_ranks_train_one_valid_registered_adapter(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]

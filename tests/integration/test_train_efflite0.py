@@ -8,12 +8,12 @@ import pytest
 
 from adapters_store.bases import EFFLITE0
 from adapters_store.catalog import upgrade
-from adapters_store.codec import decode_adapter
 from adapters_store.config import StoreSettings
+from adapters_store.format.codec import decode_adapter
+from tests.synthetic_domains import make_domains
 from trainer.config import TOWER_DEFAULTS, RunOptions, TrainConfig
 from trainer.evaluate import evaluate_adapter
 from trainer.loop import train
-from trainer.synthetic import make_domains
 
 
 def test_efflite0_run_is_served_exactly_as_trained(tmp_path: Path) -> None:

@@ -16,15 +16,15 @@ from adapters_store import cli as store_cli
 from adapters_store.adapter import merge_state
 from adapters_store.bases import TINY, tower_parameters
 from adapters_store.catalog import upgrade
-from adapters_store.codec import check_against_base, decode_adapter
 from adapters_store.config import StoreSettings
+from adapters_store.format.codec import check_against_base, decode_adapter
 from adapters_store.registry import Registry
+from tests.synthetic_domains import make_domains
 from trainer import main as trainer_main
 from trainer.checkpoint import load_checkpoint
 from trainer.config import RunOptions, TrainConfig
 from trainer.errors import TrainError
 from trainer.loop import train
-from trainer.synthetic import make_domains
 
 CREATED = "2025-01-01T00:00:00Z"
 TASK = "day2night"

@@ -20,7 +20,7 @@ from torch import nn
 
 from adapters_store import blobs
 from adapters_store.bases import BaseSignature
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from server.main import create_app
 from tests.conftest import png_bytes

@@ -21,8 +21,8 @@ from torch import nn
 from adapters_store.bases import BaseSignature
 from adapters_store.blobs import BlobStore
 from adapters_store.catalog import Catalog, upgrade
-from adapters_store.codec import encode_adapter
 from adapters_store.config import StoreSettings
+from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter
 from tests.conftest import png_bytes

@@ -33,8 +33,8 @@ from adapters_store.bases import BaseSignature
 from adapters_store.blobs import BlobStore
 from adapters_store.catalog import Catalog, downgrade, upgrade
 from adapters_store.cli import main as cli_main
-from adapters_store.codec import encode_adapter
 from adapters_store.errors import SchemaOutOfDate
+from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter
 from server.main import create_app

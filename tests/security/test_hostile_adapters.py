@@ -25,8 +25,8 @@ from torch import nn
 
 from adapters_store.bases import BaseSignature
 from adapters_store.catalog import upgrade
-from adapters_store.codec import RULES, check_against_base, decode_adapter, encode_adapter
 from adapters_store.errors import InvalidAdapter
+from adapters_store.format.codec import RULES, check_against_base, decode_adapter, encode_adapter
 from adapters_store.head import TaskHead
 from adapters_store.registry import Registry
 from adapters_store.synthetic import random_adapter

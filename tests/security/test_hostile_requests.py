@@ -23,7 +23,7 @@ from torch import nn
 
 from adapters_store.bases import BaseSignature
 from adapters_store.catalog import upgrade
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from tests.conftest import png_bytes
 from tests.security.helpers import (

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adapters_store.bases import BaseSignature
-from adapters_store.codec import encode_adapter
+from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from tests.conftest import ADMIN_TOKEN
 

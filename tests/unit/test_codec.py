@@ -29,7 +29,8 @@ from adapters_store.adapter import (
     merge_tensor,
 )
 from adapters_store.bases import BaseSignature, tower_parameters
-from adapters_store.codec import (
+from adapters_store.errors import AdapterTooLarge, IncompatibleBase, InvalidAdapter
+from adapters_store.format.codec import (
     RULES,
     Limits,
     check_against_base,
@@ -38,7 +39,6 @@ from adapters_store.codec import (
     read_adapter,
     write_adapter,
 )
-from adapters_store.errors import AdapterTooLarge, IncompatibleBase, InvalidAdapter
 from adapters_store.head import TaskHead
 from adapters_store.synthetic import random_adapter, random_task_state
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from adapters_store.adapter import Adapter, build_adapter, merge_state
-from adapters_store.codec import decode_adapter, encode_adapter
 from adapters_store.errors import InvalidAdapter
+from adapters_store.format.codec import decode_adapter, encode_adapter
 from adapters_store.head import TaskHead
 
 RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .adapter import (
+from ..adapter import (
     FORMAT,
     FORMAT_VERSION,
     INT32_LIMIT,
@@ -31,11 +31,11 @@ from .adapter import (
     Residual,
     dtype_name,
 )
-from .bases import BaseSignature
-from .errors import AdapterTooLarge, IncompatibleBase
+from ..bases import BaseSignature
+from ..errors import AdapterTooLarge, IncompatibleBase
+from ..head import HEAD_TYPE, head_shapes
+from ..names import PARAM_RE, is_valid_name
 from .framing import DEFAULT_LIMITS, Limits, bad, canonical, check_header, show
-from .head import HEAD_TYPE, head_shapes
-from .names import PARAM_RE, is_valid_name
 from .residual_checks import check_finite, check_index_layout, check_residual
 
 RULES = (

@@ -1,13 +1,13 @@
 """Format v1's rules on residual tensors: index layout and order, finite values.
 
-Used by :func:`adapters_store.codec.decode_adapter`; every rejection names its rule (``bad``).
+Used by :func:`adapters_store.format.codec.decode_adapter`; every rejection names its rule (``bad``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .adapter import Residual, dtype_name
+from ..adapter import Residual, dtype_name
 from .framing import bad
 
 

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AdapterTooLarge, InvalidAdapter
+from ..errors import AdapterTooLarge, InvalidAdapter
 
 # Bytes per element of each safetensors dtype a v1 file may contain.
 _ITEMSIZE = {

@@ -1,6 +1,6 @@
 """``deltaclip demo``: real images, offline, from nothing to a running server in a few minutes.
 
-1. prepare Fashion-MNIST as a source domain and shifted target domains (``demo_data``);
+1. prepare Fashion-MNIST as a source domain and shifted target domains (``deltaclip_demo.data``);
 2. train one CMKD + RST adapter per target with the offline ImageNet-pretrained base and register
    it in the embedded catalog (alias ``production``);
 3. start ``deltaclip serve`` as its own process, send held-out target images to ``/predict`` for
@@ -73,7 +73,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
-    from .data import IMAGE_EXTENSIONS, prompt_name
+    from trainer.data import IMAGE_EXTENSIONS, prompt_name
 
     return [(p, prompt_name(cls.name)) for cls in sorted(folder.iterdir()) if cls.is_dir()
             for p in sorted(cls.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
@@ -113,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from adapters_store.catalog import upgrade
     from adapters_store.config import StoreSettings
 
-    from .demo_data import prepare_domains
+    from .data import prepare_domains
 
     settings = StoreSettings(
         **{k: v for k, v in {"home": args.home, "database_url": args.database_url}.items() if v}
@@ -138,7 +138,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "      an EfficientNet-Lite0 tower with real ImageNet weights; its text tower is random, so the"
     )
     print("      CMKD teacher carries no language knowledge here (see docs/STUDY.md)")
-    from . import main as train_main
+    from trainer import main as train_main
 
     trained: dict[str, dict[str, Any]] = {}
     for shift in args.shifts:
