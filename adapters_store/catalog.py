@@ -10,6 +10,7 @@ behind writes. PostgreSQL is selected by a ``postgresql+psycopg://`` URL.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import AlreadyExists, SchemaOutOfDate
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS = REPO_ROOT / "alembic"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
@@ -60,15 +59,38 @@ def make_engines(url: str) -> tuple[Engine, Engine]:
     return engine, engine
 
 
+def migrations_dir() -> Path:
+    """The folder holding the Alembic ``env.py`` and ``versions/`` for this installation.
+
+    A wheel installs the checkout's top-level ``alembic/`` folder as the package
+    ``adapters_store.migrations`` (see pyproject.toml), so an installed ``deltaclip`` needs
+    neither the checkout nor an ini file. A development checkout has no such package folder;
+    there the scripts are the ``alembic/`` folder next to this package, the one ``alembic.ini``
+    points at, so both ways of migrating run the same scripts.
+    """
+    spec = importlib.util.find_spec(f"{__package__}.migrations")
+    if spec is not None:
+        for location in spec.submodule_search_locations or ():
+            if (Path(location) / "env.py").is_file():
+                return Path(location)
+    checkout = Path(__file__).resolve().parent.parent / "alembic"
+    if (checkout / "env.py").is_file():
+        return checkout
+    raise RuntimeError(
+        f"the catalog migrations are missing: neither {__package__}.migrations nor {checkout} "
+        "holds env.py (reinstall deltaclip)"
+    )
+
+
 def alembic_config(url: str) -> Any:
+    """An Alembic configuration built in code: the scripts of this installation, ``url``.
+
+    No ini file is read, so ``deltaclip db upgrade`` behaves the same from any working folder.
+    """
     from alembic.config import Config
 
-    cfg = (
-        Config(str(REPO_ROOT / "alembic.ini"))
-        if (REPO_ROOT / "alembic.ini").is_file()
-        else Config()
-    )
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -1,19 +1,31 @@
-"""Alembic environment for the deltaclip catalog (online and offline modes)."""
+"""Alembic environment for the deltaclip catalog (online and offline modes).
+
+``deltaclip db upgrade`` passes its own connection (``config.attributes["connection"]``).
+``alembic upgrade head`` from a checkout (``alembic.ini``) passes none and no URL: the catalog is
+then the one ``deltaclip`` itself would use (``DELTACLIP_DATABASE_URL``, else the SQLite catalog
+under ``DELTACLIP_HOME``), opened through the same engines (WAL, foreign keys, busy timeout).
+"""
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
 
+from adapters_store.catalog import make_engines
+from adapters_store.config import StoreSettings
 from adapters_store.models import Base
 
 config = context.config
 target_metadata = Base.metadata
 
 
+def database_url() -> str:
+    """The URL the configuration names, else the one from deltaclip's own settings."""
+    return config.get_main_option("sqlalchemy.url") or StoreSettings().resolved_database_url
+
+
 def run_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=database_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -31,12 +43,16 @@ def run_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url") or "", poolclass=pool.NullPool)
-    with engine.connect() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
+    engine, _ = make_engines(database_url())
+    try:
+        with engine.begin() as conn:
+            context.configure(
+                connection=conn, target_metadata=target_metadata, render_as_batch=True
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
 
 
 if context.is_offline_mode():
