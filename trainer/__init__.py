@@ -1,4 +1,4 @@
-"""CMKD + RST (+ FixMatch) training of task adapters for deltaclip (CMKD-RST.md).
+"""CMKD + RST (+ FixMatch) training of task adapters for deltaclip (docs/METHOD.md).
 
 ``trainer.main(argv)`` runs ``deltaclip train`` from a list of arguments and returns the run's
 metrics; :func:`trainer.loop.train` is the same with typed settings. Imports go one way:

@@ -1,4 +1,4 @@
-"""Every hyper-parameter of a training run, with the defaults of CMKD-RST.md.
+"""Every hyper-parameter of a training run, with the method's defaults (docs/METHOD.md).
 
 A :class:`TrainConfig` is what the adapter file records as ``train_config``: the resolved values
 (no ``None`` left), so a stored adapter says exactly how it was made. Knobs that cannot change the
@@ -35,7 +35,7 @@ TOWER_DEFAULTS: dict[str, tuple[float, float, float]] = {
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one CMKD + RST (+ FixMatch) run (CMKD-RST.md).
+    """Hyper-parameters of one CMKD + RST (+ FixMatch) run (docs/METHOD.md).
 
     ``None`` means "the default for this base" and is filled in by :meth:`resolve`.
     """

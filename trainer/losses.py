@@ -1,4 +1,4 @@
-"""The CMKD loss and the FixMatch loss as pure functions of logits (CMKD-RST.md, "Loss").
+"""The CMKD loss and the FixMatch loss as pure functions of logits (docs/METHOD.md, the loss).
 
 Notation: ``h`` is the task head (student), ``g`` the text head (teacher, on the *current*
 encoder); ``p_h = softmax(h(f(x_t)))``, ``p_g = softmax(g(f(x_t)))``; ``sg`` is stop-gradient.
@@ -22,7 +22,7 @@ Terms = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class CMKDWeights:
-    """The loss's coefficients; defaults as in CMKD-RST.md (Office-Home / Office-31)."""
+    """The loss's coefficients; defaults as in docs/METHOD.md (Office-Home / Office-31)."""
 
     lambda1: float = 0.25
     lambda2: float = 0.1

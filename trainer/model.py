@@ -25,7 +25,7 @@ def tower_kind(net: nn.Module) -> str:
     """``"vit"``, ``"efficientnet"`` or ``"conv"`` (ResNet, ConvNeXt and other conv towers).
 
     It picks the per-base defaults of lr, head lr multiplier and τ (``TOWER_DEFAULTS``;
-    CMKD-RST.md gives ViT and ResNet values). A tower with BatchNorm, or a trunk named like a
+    docs/METHOD.md gives ViT and ResNet values). A tower with BatchNorm, or a trunk named like a
     conv net, is convolutional; anything else is treated as a vision transformer.
     """
     visual = cast(nn.Module, net.visual)
@@ -80,8 +80,8 @@ class CMKDModel(nn.Module):
     """The open_clip model, its task head and its text head, with the training-mode rules.
 
     ``train()`` puts the image tower and the task head in training mode but keeps every
-    BatchNorm of the tower in eval mode (its running statistics stay the base's, as CMKD-RST.md
-    requires); the text tower stays in eval mode and frozen.
+    BatchNorm of the tower in eval mode (its running statistics stay the base's, as docs/METHOD.md
+    describes); the text tower stays in eval mode and frozen.
     """
 
     def __init__(self, net: nn.Module, head: TaskHead, teacher: TextHead) -> None:

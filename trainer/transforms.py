@@ -1,4 +1,4 @@
-"""Image transforms of the reference (CMKD-RST.md), for any image size.
+"""Image transforms of the reference (docs/METHOD.md), for any image size.
 
 For a crop size ``S`` (224 in the paper) the train transform resizes to ``round(S * 256/224)``
 square, takes a random ``S`` crop and a horizontal flip; the test transform resizes straight to

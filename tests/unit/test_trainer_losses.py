@@ -1,4 +1,4 @@
-"""Every CMKD term against values computed by hand (plain Python floats, CMKD-RST.md formulas)."""
+"""Every CMKD term against values computed by hand (plain Python floats, docs/METHOD.md formulas)."""
 
 from __future__ import annotations
 
