@@ -8,15 +8,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     DELTACLIP_HOME=/data DELTACLIP_HOST=0.0.0.0 DELTACLIP_PORT=8000
 
 RUN useradd --create-home --uid 10001 deltaclip && mkdir -p /data && chown deltaclip /data
-WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+# A regular (non-editable) install from a throw-away source folder: the migrations travel inside
+# the package (adapters_store.migrations, from alembic/), so `deltaclip db upgrade` (the compose
+# file's migrate service) needs neither the source tree nor alembic.ini.
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY alembic ./alembic
 COPY adapters_store ./adapters_store
 COPY trainer ./trainer
 COPY deltaclip_demo ./deltaclip_demo
 COPY server ./server
 RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" torch==2.14.1 torchvision==0.29.1 \
- && pip install --no-cache-dir -e .
+ && pip install --no-cache-dir . \
+ && cd / && rm -rf /src
+WORKDIR /data
 
 USER deltaclip
 EXPOSE 8000
