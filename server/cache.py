@@ -1,7 +1,8 @@
 """Prepared adapters in memory: LRU by bytes, keyed by digest, loaded off the request path.
 
 A cold adapter is read from the store (checksum-verified), validated against the serving base,
-and prepared on a small loader pool, so a slow load never holds up requests for other tasks or
+and prepared on a small loader pool by the cache's own :class:`AdapterLoader` (given at
+construction, so the cache depends on the store and the engine, never back on its owner), so a slow load never holds up requests for other tasks or
 the model worker. Concurrent requests for the same cold digest share one load. Entries are
 keyed by digest only: a new version or a moved alias resolves to a new digest, and a request
 that already holds a prepared adapter finishes with it even if it is evicted meanwhile.
@@ -14,17 +15,34 @@ import concurrent.futures
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
 
-from .engine import PreparedAdapter
+from adapters_store.records import AdapterRecord
+from adapters_store.registry import Registry
+
+from .engine import Engine, PreparedAdapter
 from .metrics import Metrics
 
-Loader = Callable[[Any], PreparedAdapter]
+
+class AdapterLoader:
+    """Store → prepared adapter: read and checksum-verify the blob, decode it within the
+    registry's limits, check it against the serving base's signature, prepare it for the engine.
+
+    Thread-safe: it only reads the store and the engine's pristine host copy of the base.
+    """
+
+    def __init__(self, registry: Registry, engine: Engine) -> None:
+        self.registry = registry
+        self.engine = engine
+
+    def __call__(self, record: AdapterRecord) -> PreparedAdapter:
+        adapter = self.registry.load(record, self.engine.signature)
+        return self.engine.prepare(record, adapter)
 
 
 class AdapterCache:
-    def __init__(self, loader: Loader, max_bytes: int, metrics: Metrics, workers: int = 2) -> None:
+    def __init__(
+        self, loader: AdapterLoader, max_bytes: int, metrics: Metrics, workers: int = 2
+    ) -> None:
         self._loader = loader
         self.max_bytes = max_bytes
         self._metrics = metrics
@@ -49,11 +67,11 @@ class AdapterCache:
         with self._lock:
             return list(self._entries)
 
-    async def get(self, record: Any) -> PreparedAdapter:
+    async def get(self, record: AdapterRecord) -> PreparedAdapter:
         """The prepared adapter for ``record`` (a catalog record with ``digest``)."""
         return await asyncio.wrap_future(self.get_future(record))
 
-    def get_future(self, record: Any) -> concurrent.futures.Future[PreparedAdapter]:
+    def get_future(self, record: AdapterRecord) -> concurrent.futures.Future[PreparedAdapter]:
         with self._lock:
             entry = self._entries.get(record.digest)
             if entry is not None:
@@ -69,7 +87,7 @@ class AdapterCache:
                 self._loading[record.digest] = future
             return future
 
-    def _load(self, record: Any) -> PreparedAdapter:
+    def _load(self, record: AdapterRecord) -> PreparedAdapter:
         start = time.perf_counter()
         try:
             prepared = self._loader(record)

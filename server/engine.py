@@ -17,8 +17,8 @@ from torch import nn
 from adapters_store.adapter import Adapter
 from adapters_store.bases import BaseSignature, base_fingerprint
 from adapters_store.head import TaskHead, head_from_state
-from adapters_store.transforms import adapter_image_size, eval_transform_for
 
+from .images import EvalTransforms, Transform
 from .patcher import FlatPatcher, PreparedResidual
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,7 +48,7 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.net = net.eval().to(self.device)
         self.visual: nn.Module = net.visual.to(self.dtype)  # type: ignore[assignment]
-        self._transforms: dict[int, Any] = {}
+        self.transforms = EvalTransforms(self.net)
         self.patcher = FlatPatcher(self.visual)
         # The identity of the weights as served (after the dtype cast): restored weights must match it.
         self.serving_fingerprint = base_fingerprint(self.net)
@@ -57,13 +57,10 @@ class Engine:
         self._text_lock = threading.Lock()
         self._tokenizer: Any = None
 
-    def transform_for(self, train_config: dict[str, Any] | None = None) -> Any:
+    def transform_for(self, train_config: dict[str, Any] | None = None) -> Transform:
         """The evaluation transform at the size an adapter was trained at (the base's native size
-        for zero-shot), exactly as training-time evaluation applied it."""
-        size = adapter_image_size(train_config or {}, self.net)
-        if size not in self._transforms:
-            self._transforms[size] = eval_transform_for(self.net, size)
-        return self._transforms[size]
+        for zero-shot); :class:`~server.images.EvalTransforms` defines it, this base holds one."""
+        return self.transforms.for_config(train_config)
 
     def prepare(self, record: Any, adapter: Adapter) -> PreparedAdapter:
         head = head_from_state(adapter.head).to(self.device)

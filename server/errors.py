@@ -1,10 +1,18 @@
-"""Every error leaves the server as JSON ``{"error": {"code", "message"}}``; this is the one
-place where exceptions become HTTP statuses."""
+"""Every error leaves the server as JSON ``{"error": {"code", "message"}}``.
+
+The server raises errors by meaning (:class:`NotReady`, :class:`ImageTooLarge`, ...), never with an
+HTTP status in hand: :data:`RULES` is the one table from an exception type (the server's own, the
+store's, the framework's, a full disk) to its status and code, and :func:`error_response` is the
+one function that renders them, for the exception handlers and the body-limit middleware alike.
+docs/API.md lists the statuses and codes clients can rely on.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,43 +26,109 @@ from adapters_store import errors as store
 log = logging.getLogger("deltaclip.server")
 
 
-class ApiError(Exception):
-    """A client-facing error with its status, code and message."""
+class ServerError(Exception):
+    """Base of the errors the server raises; :data:`RULES` gives each type its status and code.
 
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
+    Attributes:
+        message: the client-facing text (names no server path).
+        headers: response headers that depend on this occurrence (e.g. ``Retry-After``).
+    """
+
+    def __init__(self, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.message = message
+        self.headers = dict(headers) if headers else None
+
+    @property
+    def status(self) -> int:
+        """The HTTP status :data:`RULES` maps this error to."""
+        return answer_for(self)[0]
+
+    @property
+    def code(self) -> str:
+        """The machine-readable code :data:`RULES` maps this error to."""
+        return answer_for(self)[1]
 
 
-_STORE_STATUS: list[tuple[type[store.StoreError], int]] = [
-    (store.IncompatibleBase, 422),
-    (store.AdapterTooLarge, 413),
-    (store.InvalidAdapter, 422),
-    (store.NotFound, 404),
-    (store.AlreadyExists, 409),
-    (store.InvalidName, 400),
-    # Damaged stored bytes: refused for this adapter only, as a conflict with the stored state
-    # (re-registering the file repairs it); never a 5xx.
-    (store.ChecksumMismatch, 409),
-]
+class InvalidRequest(ServerError):
+    """The request is malformed in a way no route parameter declared (400)."""
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+class EmptyImage(InvalidRequest):
+    """An uploaded image has no bytes at all."""
 
 
-def _json(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+class MissingFile(InvalidRequest):
+    """A multipart request has no file in the expected field."""
+
+
+class InvalidLabels(InvalidRequest):
+    """Zero-shot labels are too few, repeated, too long or not printable."""
+
+
+class Unauthorized(ServerError):
+    """The admin bearer token is missing or wrong."""
+
+
+class AdminDisabled(ServerError):
+    """The admin API is off because the server has no admin token configured."""
+
+
+class PayloadTooLarge(ServerError):
+    """The request body exceeds the path's byte limit (checked while it streams in)."""
+
+
+class TooManyImages(PayloadTooLarge):
+    """More images in one request than ``max_images``."""
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """An image, or a request's images together, exceed the pixel budget."""
+
+
+class UnsupportedMediaType(ServerError):
+    """The body is neither multipart nor a raw image, or the image format is not allowed."""
+
+
+class InvalidImage(ServerError):
+    """An image in an allowed format could not be decoded, or has no pixels."""
+
+
+class NotReady(ServerError):
+    """The base model is still loading, or failed to load."""
+
+
+class Overloaded(ServerError):
+    """The batcher's queue is full; the client should retry shortly."""
+
+
+class Timeout(ServerError):
+    """No answer within ``request_timeout_s``."""
+
+
+def _validation_message(exc: BaseException) -> str:
+    """The first few validation failures as ``field: reason`` (no input values echoed)."""
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _http_detail(exc: BaseException) -> str:
+    assert isinstance(exc, StarletteHTTPException)
+    return str(exc.detail)
+
+
+def _http_status(status: int) -> Callable[[BaseException], bool]:
+    return lambda exc: isinstance(exc, StarletteHTTPException) and exc.status_code == status
 
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-def _disk_full(exc: BaseException) -> bool:
+def disk_full(exc: BaseException) -> bool:
     """True for "no space left" from the blob store (ENOSPC/EDQUOT) or from the catalog database
     (SQLite's SQLITE_FULL, PostgreSQL's SQLSTATE 53100 disk_full)."""
     if isinstance(exc, OSError):
@@ -65,62 +139,123 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _internal(request: Request) -> JSONResponse:
-    # %r: the path is the client's text, so control characters are escaped, never written raw.
-    log.exception("unhandled error on %s %r", request.method, request.url.path)
-    return _json(500, "internal", "internal server error")
+# A full disk is the server's condition, not a bug and not the client's mistake; the message
+# names no path (OSError's text carries the temporary file's).
+_DISK_FULL_MESSAGE = "the server has no storage space left; nothing was registered, retry later"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one exception type answers.
+
+    Attributes:
+        kind: the exception type (subclasses included).
+        status: the HTTP status, or None for the exception's own ``status_code`` (Starlette's).
+        code: the error code, or None for the exception's own ``code`` (the store's errors carry
+            theirs, shared with the CLI).
+        when: an extra condition on the exception; the rule applies only where it holds.
+        message: the client-facing text; ``str(exc)`` when None.
+        headers: response headers every occurrence gets.
+        log_level: log the occurrence at this level (server conditions the operator should see).
+    """
+
+    kind: type[Exception]
+    status: int | None
+    code: str | None
+    when: Callable[[BaseException], bool] | None = None
+    message: Callable[[BaseException], str] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    log_level: int | None = None
+
+
+# The first rule that matches wins, so subclasses come before their bases. Anything no rule
+# matches is a bug: 500 ``internal``, logged with its traceback.
+RULES: tuple[Rule, ...] = (
+    Rule(EmptyImage, 400, "empty_image"),
+    Rule(MissingFile, 400, "missing_file"),
+    Rule(InvalidLabels, 400, "invalid_labels"),
+    Rule(InvalidRequest, 400, "invalid_request"),
+    Rule(Unauthorized, 401, "unauthorized", headers={"WWW-Authenticate": "Bearer"}),
+    Rule(AdminDisabled, 403, "admin_disabled"),
+    Rule(TooManyImages, 413, "too_many_images"),
+    Rule(ImageTooLarge, 413, "image_too_large"),
+    Rule(PayloadTooLarge, 413, "payload_too_large"),
+    Rule(UnsupportedMediaType, 415, "unsupported_media_type"),
+    Rule(InvalidImage, 422, "invalid_image"),
+    Rule(NotReady, 503, "not_ready", headers={"Retry-After": "5"}),
+    Rule(Overloaded, 503, "overloaded"),  # Retry-After comes from the settings, per occurrence
+    Rule(Timeout, 504, "timeout"),
+    # The store's errors keep their own codes.
+    Rule(store.IncompatibleBase, 422, None),
+    Rule(store.AdapterTooLarge, 413, None),
+    Rule(store.InvalidAdapter, 422, None),
+    Rule(store.NotFound, 404, None),
+    Rule(store.AlreadyExists, 409, None),
+    Rule(store.InvalidName, 400, None),
+    # Damaged stored bytes: refused for this adapter only, as a conflict with the stored state
+    # (re-registering the file repairs it); never a 5xx.
+    Rule(store.ChecksumMismatch, 409, None),
+    Rule(store.StoreError, 400, None),
+    Rule(RequestValidationError, 422, "invalid_request", message=_validation_message),
+    Rule(StarletteHTTPException, None, "not_found", _http_status(404), _http_detail),
+    Rule(StarletteHTTPException, None, "method_not_allowed", _http_status(405), _http_detail),
+    Rule(StarletteHTTPException, None, "http_error", message=_http_detail),
+    # The client hung up before sending its whole body: nobody reads the answer, and it is not a
+    # server error (no traceback in the log).
+    Rule(ClientDisconnect, 400, "client_disconnected", log_level=logging.INFO),
+    Rule(OSError, 507, "insufficient_storage", disk_full, lambda _: _DISK_FULL_MESSAGE,
+         {"Retry-After": "60"}, logging.ERROR),
+    Rule(OperationalError, 507, "insufficient_storage", disk_full, lambda _: _DISK_FULL_MESSAGE,
+         {"Retry-After": "60"}, logging.ERROR),
+)  # fmt: skip
+
+
+def rule_for(exc: BaseException) -> Rule | None:
+    """The first rule of :data:`RULES` that applies to ``exc``, or None (a bug: 500)."""
+    for rule in RULES:
+        if isinstance(exc, rule.kind) and (rule.when is None or rule.when(exc)):
+            return rule
+    return None
+
+
+def answer_for(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """Status, code, message and headers for ``exc``, as :data:`RULES` says."""
+    rule = rule_for(exc)
+    if rule is None:
+        return 500, "internal", "internal server error", {}
+    status = rule.status if rule.status is not None else int(getattr(exc, "status_code", 500))
+    code = rule.code if rule.code is not None else str(getattr(exc, "code", "error"))
+    message = rule.message(exc) if rule.message is not None else str(exc)
+    return status, code, message, {**rule.headers, **(getattr(exc, "headers", None) or {})}
+
+
+def error_response(exc: BaseException, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The one rendering of an error: ``{"error": {"code", "message"}}`` with the table's status.
+
+    Args:
+        exc: what went wrong.
+        headers: extra headers for this response (the middleware closes the connection).
+    """
+    status, code, message, own = answer_for(exc)
+    return JSONResponse(
+        {"error": {"code": code, "message": message}},
+        status_code=status,
+        headers={**own, **(headers or {})} or None,
+    )
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    rule = rule_for(exc)
+    if rule is None:
+        # %r: the path is the client's text, so control characters are escaped, never written raw.
+        log.exception("unhandled error on %s %r", request.method, request.url.path)
+    elif rule.log_level is not None:
+        log.log(rule.log_level, "%s %r: %s", request.method, request.url.path, answer_for(exc)[1])
+    return error_response(exc)
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return _json(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(store.StoreError)
-    async def _store(request: Request, exc: store.StoreError) -> JSONResponse:
-        for cls, status in _STORE_STATUS:
-            if isinstance(exc, cls):
-                if status >= 500:
-                    log.error("%s %r: %s", request.method, request.url.path, exc.code)
-                return _json(
-                    status, exc.code, str(exc), {"Retry-After": "5"} if status == 503 else None
-                )
-        return _json(400, exc.code, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _json(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(
-                str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body")
-            )
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return _json(422, "invalid_request", "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(OSError)
-    @app.exception_handler(OperationalError)
-    async def _storage(request: Request, exc: Exception) -> JSONResponse:
-        # A full disk is the server's condition, not a bug and not the client's mistake: 507,
-        # with a message that names no path (OSError's text carries the temporary file's).
-        if not _disk_full(exc):
-            return _internal(request)
-        log.error("%s %r: storage is full", request.method, request.url.path)
-        return _json(507, "insufficient_storage",
-                     "the server has no storage space left; nothing was registered, retry later",
-                     {"Retry-After": "60"})  # fmt: skip
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request: Request, _: ClientDisconnect) -> Response:
-        # The client hung up before sending its whole body: nobody is left to answer, and it is
-        # not a server error (no traceback in the log).
-        log.info("%s %r: client disconnected mid-request", request.method, request.url.path)
-        return Response(status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return _internal(request)
+    """Answer every exception type of :data:`RULES`, and anything else as a logged 500."""
+    for kind in dict.fromkeys(rule.kind for rule in RULES):
+        app.add_exception_handler(kind, _handle)
+    app.add_exception_handler(Exception, _handle)

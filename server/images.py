@@ -1,19 +1,39 @@
-"""Image decoding for untrusted uploads: JPEG, PNG, WebP and BMP only, bounded pixel count.
+"""Image preprocessing for untrusted uploads, in one place: decoding, pixel budgets, the
+evaluation transform an adapter was trained with, and stacking into a batch.
 
-The format is decided from the leading bytes before any decoder runs, so only the four allowed
-decoders ever see request data. EXIF orientation is applied, the first frame of an animation
-is used, and every mode (CMYK, 16-bit, palette, alpha) is brought to 8-bit RGB.
+Decoding accepts JPEG, PNG, WebP and BMP only, with a bounded pixel count. The format is decided
+from the leading bytes before any decoder runs, so only the four allowed decoders ever see
+request data. EXIF orientation is applied, the first frame of an animation is used, and every
+mode (CMYK, 16-bit, palette, alpha) is brought to 8-bit RGB. A request's images share one pixel
+budget on top of the per-image limit, so many large images cannot add up to a memory spike.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
 
-from .errors import ApiError
+from adapters_store.transforms import adapter_image_size, eval_transform_for
+
+from .errors import (
+    EmptyImage,
+    ImageTooLarge,
+    InvalidImage,
+    ServerError,
+    TooManyImages,
+    UnsupportedMediaType,
+)
+
+Transform = Callable[[Image.Image], torch.Tensor]
 
 ALLOWED = ("JPEG", "PNG", "WEBP", "BMP")
 _KNOWN_OTHER = {
@@ -35,20 +55,23 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def _unsupported(data: bytes) -> ApiError:
+def _unsupported(data: bytes) -> UnsupportedMediaType:
     name = next((fmt for magic, fmt in _KNOWN_OTHER.items() if data.startswith(magic)), None)
     what = f"{name} images are not supported" if name else "not a recognised image"
-    return ApiError(415, "unsupported_media_type", f"{what}: send JPEG, PNG, WebP or BMP")
+    return UnsupportedMediaType(f"{what}: send JPEG, PNG, WebP or BMP")
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode ``data`` to an 8-bit RGB image.
 
     Raises:
-        ApiError: 400 empty, 415 unsupported format, 413 too many pixels, 422 undecodable.
+        EmptyImage: no bytes.
+        UnsupportedMediaType: a format other than the four allowed.
+        ImageTooLarge: more than ``max_pixels`` pixels (declared in the header).
+        InvalidImage: undecodable, or no pixels.
     """
     if not data:
-        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
+        raise EmptyImage("the image is empty (0 bytes)")
     fmt = sniff(data)
     if fmt is None:
         raise _unsupported(data)
@@ -58,25 +81,21 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             image: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size
             if width <= 0 or height <= 0:
-                raise ApiError(422, "invalid_image", f"the image has no pixels ({width}×{height})")
+                raise InvalidImage(f"the image has no pixels ({width}×{height})")
             if width * height > max_pixels:
-                raise ApiError(
-                    413,
-                    "image_too_large",
-                    f"the image is {width}×{height} pixels; the limit is {max_pixels:,} pixels",
+                raise ImageTooLarge(
+                    f"the image is {width}×{height} pixels; the limit is {max_pixels:,} pixels"
                 )
             image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image) or image
             return _to_rgb(image)
-    except ApiError:
+    except ServerError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(413, "image_too_large", "the image declares too many pixels") from None
+        raise ImageTooLarge("the image declares too many pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ApiError(
-            422, "invalid_image", f"the {fmt} image could not be decoded ({type(exc).__name__})"
-        ) from None
+        raise InvalidImage(f"the {fmt} image could not be decoded ({type(exc).__name__})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -89,3 +108,70 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, image)
     return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request may carry: images, pixels per image, pixels for all images together."""
+
+    max_images: int
+    max_image_pixels: int
+    max_request_pixels: int
+
+
+def decode_within_budget(files: Sequence[bytes], limits: ImageLimits) -> Iterator[Image.Image]:
+    """Decode ``files`` one at a time (so only one full-size image is held at once), each within
+    the per-image limit and what is left of the request's pixel budget.
+
+    Raises:
+        TooManyImages: more files than ``max_images``.
+        ImageTooLarge: one image over its limit, or the images together over the budget.
+    """
+    if len(files) > limits.max_images:
+        raise TooManyImages(f"at most {limits.max_images} images per request")
+    budget = limits.max_request_pixels
+    for data in files:
+        limit = min(limits.max_image_pixels, budget)
+        try:
+            image = decode_image(data, limit)
+        except ImageTooLarge:
+            if limit < limits.max_image_pixels:
+                raise ImageTooLarge("the request's images together exceed "
+                                    f"{limits.max_request_pixels:,} pixels") from None  # fmt: skip
+            raise
+        budget -= image.width * image.height
+        yield image
+
+
+class EvalTransforms:
+    """The evaluation transform per image size, for one base: an adapter is served at the size
+    it was trained (and evaluated) at, the base's native size for zero-shot."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self._net = net
+        self._by_size: dict[int, Transform] = {}
+        self._lock = threading.Lock()
+
+    def for_config(self, train_config: Mapping[str, Any] | None = None) -> Transform:
+        """The transform for an adapter's ``train_config`` (None: the base's native size)."""
+        size = adapter_image_size(train_config or {}, self._net)
+        with self._lock:
+            if size not in self._by_size:
+                self._by_size[size] = eval_transform_for(self._net, size)
+            return self._by_size[size]
+
+
+class Preprocessor:
+    """Uploaded bytes to the ``[N, 3, H, W]`` batch an adapter expects (CPU-bound: call it off
+    the event loop)."""
+
+    def __init__(self, transforms: EvalTransforms, limits: ImageLimits) -> None:
+        self.transforms = transforms
+        self.limits = limits
+
+    def batch(
+        self, files: Sequence[bytes], train_config: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """Decode, check and transform every file, then stack them."""
+        transform = self.transforms.for_config(train_config)
+        return torch.stack([transform(image) for image in decode_within_budget(files, self.limits)])

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import InvalidRequest, PayloadTooLarge, ServerError, error_response
 
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds {limit:,} bytes")
-        self.limit = limit
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The one wording for a body over ``limit``, declared or received."""
+    return PayloadTooLarge(f"request body exceeds {limit:,} bytes")
 
 
 class BodyLimitMiddleware:
-    """413 when ``Content-Length`` or the bytes actually received exceed the path's limit."""
+    """413 when ``Content-Length`` or the bytes actually received exceed the path's limit.
+
+    A declared length over the limit is answered here, before the app runs (outside its
+    exception handlers), through the same :func:`~server.errors.error_response` as every other
+    error; bytes received over the limit raise :class:`PayloadTooLarge` inside the route, where
+    the handlers answer it.
+    """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
         self.app = app
@@ -31,12 +37,11 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _reject(send, 400, "invalid_request", "Content-Length is not a number")
+                    error: ServerError = InvalidRequest("Content-Length is not a number")
+                    await _reject(error, scope, receive, send)
                     return
                 if declared > limit:
-                    await _reject(
-                        send, 413, "payload_too_large", f"request body exceeds {limit:,} bytes"
-                    )
+                    await _reject(body_too_large(limit), scope, receive, send)
                     return
         received = 0
 
@@ -46,18 +51,15 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise body_too_large(limit)
             return message
 
         await self.app(scope, limited_receive, send)
 
 
-async def _reject(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
+async def _reject(error: ServerError, scope: Scope, receive: Receive, send: Send) -> None:
+    # The body is left unread, so the connection cannot be reused: close it.
+    await error_response(error, {"Connection": "close"})(scope, receive, send)
 
 
 class ReplicaHeaderMiddleware:

@@ -13,19 +13,23 @@ from fastapi import FastAPI
 from . import errors
 from .api.routes import adapters, admin, catalog, health, predict
 from .config import ServerSettings
-from .limits import BodyLimitMiddleware, BodyTooLarge, ReplicaHeaderMiddleware
+from .limits import BodyLimitMiddleware, ReplicaHeaderMiddleware
 from .runtime import Runtime
+from .service import Service
 
 log = logging.getLogger("deltaclip.server")
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """The app: routes, one error table (:mod:`server.errors`), body limits per path, and a
+    lifespan that owns the :class:`Runtime` its :class:`Service` works on."""
     settings = settings or ServerSettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings)
         app.state.runtime = runtime
+        app.state.service = Service(runtime)
         loading = asyncio.create_task(runtime.load())
         try:
             yield
@@ -42,10 +46,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: object, exc: BodyTooLarge) -> object:
-        return errors._json(413, "payload_too_large", str(exc))
 
     for module in (predict, adapters, admin, catalog, health):
         app.include_router(module.router)

@@ -3,7 +3,7 @@
 At start-up every parameter of the image tower is moved into one flat buffer per dtype, and each
 ``nn.Parameter`` becomes a view into it. An adapter is *prepared* once (off the worker): its
 per-parameter indices become global indices into the flat buffer, and the task values
-``(W_base.float() + value).to(dtype)`` (DESIGN.md §3, in the serving dtype) and the original
+``(W_base.float() + value).to(dtype)`` (docs/FORMAT.md, format v1; in the serving dtype) and the original
 values are gathered from a pristine host copy of the base. Patching is then one ``index_copy_``
 per dtype, and restoring is the same copy with the saved originals — never a subtraction, so
 the base is bit-identical after any number of swaps.

@@ -1,28 +1,41 @@
-"""Everything one server process holds: settings, registry, base model, cache and batcher."""
+"""Everything one server process holds: settings, registry, base model, cache, batcher and the
+image preprocessor, and their lifecycle (load in the background, close at shutdown).
+
+What the server *does* with them lives in :mod:`server.service`; this module only builds the
+parts, wires them one way (the cache gets its loader here, it never calls back), and says
+whether they are ready.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Hashable
-from functools import partial
-from typing import Any
-
-import torch
+from dataclasses import dataclass
 
 from adapters_store.bases import build_base, signature_of
-from adapters_store.registry import AdapterRecord, Registry
+from adapters_store.registry import Registry
 
-from .batcher import Batcher, QueueFull
-from .cache import AdapterCache
+from .batcher import Batcher
+from .cache import AdapterCache, AdapterLoader
 from .config import ServerSettings
-from .engine import Engine, PreparedAdapter
-from .errors import ApiError
+from .engine import Engine
+from .errors import NotReady
+from .images import ImageLimits, Preprocessor
 from .metrics import Metrics
 
 log = logging.getLogger("deltaclip.server")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The parts that exist only once the base model is loaded."""
+
+    engine: Engine
+    cache: AdapterCache
+    batcher: Batcher
+    images: Preprocessor
 
 
 class Runtime:
@@ -34,12 +47,10 @@ class Runtime:
         self.engine: Engine | None = None
         self.cache: AdapterCache | None = None
         self.batcher: Batcher | None = None
+        self.images: Preprocessor | None = None
         self.load_error: str | None = None
         self.loaded_fingerprint: str | None = None
         self.started = time.time()
-        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
-
-    # ------------------------------------------------------------------------------ lifecycle
 
     @property
     def ready(self) -> bool:
@@ -59,7 +70,9 @@ class Runtime:
             log.error("base model failed to load: %s: %s", type(exc).__name__, exc)
             return
         self.engine, self.loaded_fingerprint = engine, sig.fingerprint
-        self.cache = AdapterCache(self._prepare, s.cache_bytes, self.metrics)
+        limits = ImageLimits(s.max_images, s.max_image_pixels, s.max_request_pixels)
+        self.images = Preprocessor(engine.transforms, limits)
+        self.cache = AdapterCache(AdapterLoader(self.registry, engine), s.cache_bytes, self.metrics)
         batcher = Batcher(
             s.max_batch, s.max_wait_ms / 1000, s.queue_size, self.metrics, self._current_key
         )
@@ -71,7 +84,7 @@ class Runtime:
                 await self.cache.get(record)
             except Exception as exc:
                 log.warning("could not preload pinned task %r: %s", task, exc)
-        self.batcher = batcher
+        self.batcher = batcher  # last: ready from here on
         log.info("base %s/%s loaded in %.1fs, fingerprint %s", s.base_model, s.base_pretrained,
                  time.perf_counter() - t0, sig.fingerprint)  # fmt: skip
 
@@ -86,63 +99,9 @@ class Runtime:
         current = self.engine.current if self.engine is not None else None
         return current.digest if current is not None else None
 
-    def require_ready(self) -> tuple[Engine, AdapterCache, Batcher]:
-        if self.engine is None or self.cache is None or self.batcher is None:
+    def require_ready(self) -> Serving:
+        """The loaded parts, or :class:`NotReady` (still loading, or the load failed)."""
+        if self.engine is None or self.cache is None or self.batcher is None or self.images is None:
             detail = f": {self.load_error}" if self.load_error else " (loading the base model)"
-            raise ApiError(
-                503, "not_ready", f"the server is not ready{detail}", {"Retry-After": "5"}
-            )
-        return self.engine, self.cache, self.batcher
-
-    # ------------------------------------------------------------------------------ adapters
-
-    def _prepare(self, record: AdapterRecord) -> PreparedAdapter:
-        """Store → prepared: read and checksum-verify the blob, validate against this base."""
-        assert self.engine is not None
-        adapter = self.registry.load(record, self.engine.signature)
-        return self.engine.prepare(record, adapter)
-
-    async def resolve(self, task: str, version: int | None, alias: str | None) -> AdapterRecord:
-        return await asyncio.to_thread(self.registry.resolve, task, version, alias)
-
-    async def prepared(self, record: AdapterRecord) -> PreparedAdapter:
-        _, cache, _ = self.require_ready()
-        return await cache.get(record)
-
-    # ------------------------------------------------------------------------------ inference
-
-    async def infer(self, key: Hashable, fn: Any, images: torch.Tensor) -> torch.Tensor:
-        _, _, batcher = self.require_ready()
-        try:
-            job = batcher.submit(key, fn, images)
-        except QueueFull:
-            raise ApiError(503, "overloaded", "too many requests are waiting; retry shortly",
-                           {"Retry-After": str(self.settings.retry_after_s)}) from None  # fmt: skip
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(job.future), self.settings.request_timeout_s
-            )
-        except TimeoutError:
-            job.abandoned = True
-            raise ApiError(
-                504, "timeout", f"no answer within {self.settings.request_timeout_s:g}s"
-            ) from None
-
-    async def predict(self, prepared: PreparedAdapter, images: torch.Tensor) -> torch.Tensor:
-        engine, _, _ = self.require_ready()
-        return await self.infer(prepared.digest, partial(engine.run, prepared), images)
-
-    async def zero_shot(self, labels: list[str], images: torch.Tensor) -> torch.Tensor:
-        engine, _, _ = self.require_ready()
-        key = tuple(labels)
-        emb = self._text_cache.get(key)
-        if emb is None:
-            emb = await asyncio.to_thread(engine.text_embeddings, labels)
-            self._text_cache[key] = emb
-            while len(self._text_cache) > 256:
-                self._text_cache.popitem(last=False)
-        return await self.infer(("zero-shot", key), partial(engine.run_zero_shot, emb), images)
-
-    async def live_fingerprint(self) -> str:
-        engine, _, batcher = self.require_ready()
-        return str(await batcher.call(engine.fingerprint))
+            raise NotReady(f"the server is not ready{detail}")
+        return Serving(self.engine, self.cache, self.batcher, self.images)

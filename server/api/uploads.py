@@ -1,11 +1,12 @@
-"""Reading files out of a request: multipart fields or a raw body, with counts bounded."""
+"""Reading files out of a request: multipart fields or a raw body, with counts bounded (the
+HTTP side of an upload; what the bytes must be is :mod:`server.images`' and the store's job)."""
 
 from __future__ import annotations
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from ..errors import ApiError
+from ..errors import MissingFile, UnsupportedMediaType
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -27,10 +28,10 @@ async def read_files(
             else:
                 fields[name] = value
         if not files:
-            raise ApiError(400, "missing_file", f"no multipart field named {field!r} with a file")
+            raise MissingFile(f"no multipart field named {field!r} with a file")
         return files, fields
     if content_type.startswith(RAW_TYPES):
         return [await request.body()], {}
     shown = content_type.split(";")[0] or "none"
-    raise ApiError(415, "unsupported_media_type",
-                   f"send multipart/form-data with field {field!r}, or a raw image body (content type was {shown!r})")  # fmt: skip
+    raise UnsupportedMediaType(f"send multipart/form-data with field {field!r}, or a raw image body "
+                               f"(content type was {shown!r})")  # fmt: skip

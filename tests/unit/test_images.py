@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.errors import ApiError
+from server.errors import ServerError
 from server.images import decode_image
 
 LIMIT = 40_000_000
@@ -62,13 +62,13 @@ def test_allowed_formats_decode_to_rgb(fmt: str) -> None:
     ids=["empty", "text", "tiff", "gif", "fits", "truncated-png", "truncated-jpeg", "bomb"],
 )
 def test_bad_images_are_client_errors(data: bytes, status: int) -> None:
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(ServerError) as exc:
         decode_image(data, LIMIT)
     assert exc.value.status == status
 
 
 def test_zero_pixel_png_is_rejected() -> None:
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(ServerError) as exc:
         decode_image(bomb_png(0, 0), LIMIT)
     assert exc.value.status == 422
 
@@ -101,7 +101,7 @@ def test_cmyk_16bit_palette_alpha_and_animation() -> None:
 
 def test_pixel_limit_is_ours_not_pillows() -> None:
     data = encode(Image.new("RGB", (100, 100)), "PNG")
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(ServerError) as exc:
         decode_image(data, 9_999)
     assert (
         exc.value.status == 413

@@ -8,8 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
-from ...errors import ApiError
+from adapters_store.errors import AdapterNotFound
+
 from ..deps import NAME_PATTERN, RuntimeDep
+from ..schemas import AdapterDetail, AdapterPage, TaskVersions
 
 router = APIRouter(prefix="/adapters", tags=["catalog"])
 
@@ -20,7 +22,11 @@ VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
-@router.get("", summary="List adapters (filters combine; newest versions first within a task)")
+@router.get(
+    "",
+    summary="List adapters (filters combine; newest versions first within a task)",
+    response_model=AdapterPage,
+)
 async def list_adapters(
     rt: RuntimeDep,
     task: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
@@ -42,11 +48,11 @@ async def list_adapters(
             "items": [r.summary() for r in page.items]}  # fmt: skip
 
 
-@router.get("/{task}", summary="A task's versions and aliases")
+@router.get("/{task}", summary="A task's versions and aliases", response_model=TaskVersions)
 async def get_task(rt: RuntimeDep, task: TaskPath) -> dict[str, Any]:
     versions = await asyncio.to_thread(rt.registry.versions, task)
     if not versions:
-        raise ApiError(404, "adapter_not_found", f"no adapter registered for task {task!r}")
+        raise AdapterNotFound(f"no adapter registered for task {task!r}")
     aliases = await asyncio.to_thread(rt.registry.aliases, task)
     return {"task": task, "aliases": aliases, "versions": [r.summary() for r in versions]}
 
@@ -54,6 +60,7 @@ async def get_task(rt: RuntimeDep, task: TaskPath) -> dict[str, Any]:
 @router.get(
     "/{task}/versions/{version}",
     summary="All metadata of one version, with per-parameter change counts",
+    response_model=AdapterDetail,
 )
 async def get_version(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> dict[str, Any]:
     record = await asyncio.to_thread(rt.registry.get, task, version)
