@@ -33,6 +33,22 @@ TOWER_DEFAULTS: dict[str, tuple[float, float, float]] = {
 }
 
 
+@dataclass(frozen=True)
+class CMKDWeights:
+    """The loss's coefficients; defaults as in docs/METHOD.md (Office-Home / Office-31).
+
+    Declared here, with no torch import, so that :class:`TrainConfig` takes its defaults from
+    this one place and the command line can list them without loading torch.
+    """
+
+    lambda1: float = 0.25
+    lambda2: float = 0.1
+    lambda3: float = 0.025
+    label_smoothing: float = 0.1
+    ramp_gamma: float = 1.0
+    ramp_iters: int = 10_000
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one CMKD + RST (+ FixMatch) run (docs/METHOD.md).
@@ -61,12 +77,12 @@ class TrainConfig:
     nesterov: bool = True
     lr_gamma: float = 3e-4
     lr_decay: float = 0.75
-    label_smoothing: float = 0.1
-    lambda1: float = 0.25
-    lambda2: float = 0.1
-    lambda3: float = 0.025
-    ramp_gamma: float = 1.0
-    ramp_iters: int = 10_000
+    label_smoothing: float = CMKDWeights.label_smoothing
+    lambda1: float = CMKDWeights.lambda1
+    lambda2: float = CMKDWeights.lambda2
+    lambda3: float = CMKDWeights.lambda3
+    ramp_gamma: float = CMKDWeights.ramp_gamma
+    ramp_iters: int = CMKDWeights.ramp_iters
     fixmatch_weight: float = 0.5
     fixmatch_threshold: float = 0.95
     image_size: int | None = None
@@ -81,6 +97,18 @@ class TrainConfig:
     def method_name(self) -> str:
         """The adapter's ``method``, e.g. ``cmkd+rst`` or ``source-only+rst+fixmatch``."""
         return f"{self.method}+rst" + ("+fixmatch" if self.fixmatch else "")
+
+    @property
+    def loss_weights(self) -> CMKDWeights:
+        """The coefficients the loss functions take, from this run's settings."""
+        return CMKDWeights(
+            self.lambda1,
+            self.lambda2,
+            self.lambda3,
+            self.label_smoothing,
+            self.ramp_gamma,
+            self.ramp_iters,
+        )
 
     @property
     def total_steps(self) -> int:

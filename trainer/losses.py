@@ -12,24 +12,27 @@ hand-computed values; the training loop only feeds logits in and reads the retur
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .config import CMKDWeights
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "CMKDWeights",
+    "calibration",
+    "classification_loss",
+    "cmkd_loss",
+    "fixmatch_loss",
+    "gini_impurity",
+    "ramp",
+    "source_only_loss",
+]
+
 Terms = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class CMKDWeights:
-    """The loss's coefficients; defaults as in docs/METHOD.md (Office-Home / Office-31)."""
-
-    lambda1: float = 0.25
-    lambda2: float = 0.1
-    lambda3: float = 0.025
-    label_smoothing: float = 0.1
-    ramp_gamma: float = 1.0
-    ramp_iters: int = 10_000
+# The method's coefficients, for callers that do not pass their own.
+DEFAULT_WEIGHTS = CMKDWeights()
 
 
 def ramp(step: int, gamma: float = 1.0, max_iter: int = 10_000) -> float:
@@ -68,7 +71,7 @@ def gini_impurity(probs: torch.Tensor, weights: torch.Tensor | float = 1.0) -> t
 
 
 def source_only_loss(
-    src_logits_h: torch.Tensor, labels: torch.Tensor, weights: CMKDWeights = CMKDWeights()
+    src_logits_h: torch.Tensor, labels: torch.Tensor, weights: CMKDWeights = DEFAULT_WEIGHTS
 ) -> Terms:
     """The baseline: ``L = L_cls``."""
     cls = classification_loss(src_logits_h, labels, weights.label_smoothing)
@@ -82,7 +85,7 @@ def cmkd_loss(
     tgt_logits_g: torch.Tensor,
     labels: torch.Tensor,
     step: int,
-    weights: CMKDWeights = CMKDWeights(),
+    weights: CMKDWeights = DEFAULT_WEIGHTS,
 ) -> Terms:
     """The full CMKD loss at optimiser step ``step`` (0-based), and each of its terms.
 

@@ -19,7 +19,7 @@ from adapters_store.head import TaskHead
 
 from .config import TrainConfig
 from .evaluate import predictions, report
-from .losses import CMKDWeights, cmkd_loss, fixmatch_loss, source_only_loss
+from .losses import cmkd_loss, fixmatch_loss, source_only_loss
 from .model import CMKDModel, TextHead
 from .rst import ResidualSparsity
 from .runtime import autocast
@@ -55,14 +55,7 @@ class Session:
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
         )
-        self.weights = CMKDWeights(
-            cfg.lambda1,
-            cfg.lambda2,
-            cfg.lambda3,
-            cfg.label_smoothing,
-            cfg.ramp_gamma,
-            cfg.ramp_iters,
-        )
+        self.weights = cfg.loss_weights
         self.step = 0
         self._set_lr()
         self.model.train()
