@@ -18,7 +18,17 @@ from torch import nn
 
 from adapters_store.head import TaskHead
 
-BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+# Every trainable BatchNorm of torch, named by its public classes (the lazy ones become the
+# plain ones after their first call); quantised BatchNorms cannot be trained and are left out.
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
 
 
 def tower_kind(net: nn.Module) -> str:
