@@ -3,6 +3,8 @@ HTTP side of an upload; what the bytes must be is :mod:`server.images`' and the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
@@ -35,3 +37,17 @@ async def read_files(
     shown = content_type.split(";")[0] or "none"
     raise UnsupportedMediaType(f"send multipart/form-data with field {field!r}, or a raw image body "
                                f"(content type was {shown!r})")  # fmt: skip
+
+
+def upload_openapi(properties: dict[str, Any], *, raw_images: bool = False) -> dict[str, Any]:
+    """The OpenAPI request body of an upload route (FastAPI cannot infer it: the routes read the
+    body themselves, to bound it while it streams in): a multipart form with a required
+    ``file`` field, and optionally a raw image body."""
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"], "properties": properties}
+        }
+    }
+    if raw_images:
+        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}

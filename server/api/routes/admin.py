@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from ...errors import InvalidRequest
 from ..deps import NAME_PATTERN, AdminDep, ServiceDep
-from ..uploads import read_files
+from ..uploads import read_files, upload_openapi
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"], dependencies=[AdminDep])
 
@@ -19,23 +19,9 @@ TaskPath = Annotated[str, Path(pattern=NAME_PATTERN)]
 AliasPath = Annotated[str, Path(pattern=NAME_PATTERN)]
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
-_UPLOAD = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "alias": {"type": "string"},
-                    },
-                }
-            }
-        },
-    }
-}
+_UPLOAD = upload_openapi(
+    {"file": {"type": "string", "format": "binary"}, "alias": {"type": "string"}}
+)
 
 
 class AliasBody(BaseModel):

@@ -11,27 +11,13 @@ from fastapi import APIRouter, Query, Request
 from ...errors import InvalidLabels
 from ...service import ReadImages
 from ..deps import NAME_PATTERN, ServiceDep
-from ..uploads import read_files
+from ..uploads import read_files, upload_openapi
 
 router = APIRouter(tags=["predict"])
 
-_IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+_IMAGE_BODY = upload_openapi(
+    {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}, raw_images=True
+)
 
 
 def _image_reader(request: Request, max_images: int) -> ReadImages:
