@@ -1,7 +1,7 @@
 """The in-memory adapter: a sparse residual over a base's image tower plus a task head.
 
 ``build_adapter`` turns (base state, task state) into an :class:`Adapter`; ``merge_state`` is
-*the* definition of task weights (DESIGN.md §3) that training export, the CLI and the server's
+*the* definition of task weights (docs/FORMAT.md, "format v1") that training export, the CLI and the server's
 patcher all reproduce bit for bit::
 
     W_task[i] = (W_base[i].float() + value_i).to(W_base.dtype)   at the listed positions i
@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .head import HEAD_TYPE
+from .errors import InvalidTaskState, ParameterNotFound
+from .format.schema import RESIDUAL_DTYPE_NAMES, AdapterMeta, head_meta
 
-FORMAT = "deltaclip.adapter"
-FORMAT_VERSION = "1"
 RESIDUAL_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    name: getattr(torch, name) for name in RESIDUAL_DTYPE_NAMES
 }
 INT32_LIMIT = 2**31
 
@@ -47,28 +44,6 @@ class Residual:
     @property
     def nnz(self) -> int:
         return int(self.indices.numel())
-
-
-@dataclass
-class AdapterMeta:
-    """The typed view of the ``__metadata__`` of a v1 adapter file."""
-
-    task: str
-    base_model: str
-    base_pretrained: str
-    base_fingerprint: str
-    class_names: list[str]
-    head: dict[str, Any]
-    residual_dtype: str
-    nnz: int
-    eligible_params: int
-    density: float
-    source_domain: str = ""
-    target_domain: str = ""
-    method: str = ""
-    train_config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    created_at: str = ""
 
 
 @dataclass
@@ -126,7 +101,7 @@ def build_adapter(
     trainer) snap their final weights onto ``merge_state(base, adapter)`` before evaluating.
     """
     if residual_dtype not in RESIDUAL_DTYPES.values():
-        raise ValueError(
+        raise InvalidTaskState(
             f"residual dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {residual_dtype}"
         )
     eligible_keys = list(eligible) if eligible is not None else list(task_state)
@@ -136,13 +111,13 @@ def build_adapter(
         base_t = base_state[key]
         task_t = task_state[key]
         if base_t.shape != task_t.shape or base_t.dtype != task_t.dtype:
-            raise ValueError(
+            raise InvalidTaskState(
                 f"{key}: task tensor {tuple(task_t.shape)}/{task_t.dtype} does not match base "
                 f"{tuple(base_t.shape)}/{base_t.dtype}"
             )
         if not base_t.is_floating_point():
             if not torch.equal(base_t, task_t):
-                raise ValueError(f"{key}: non-floating tensors cannot carry a residual")
+                raise InvalidTaskState(f"{key}: non-floating tensors cannot carry a residual")
             continue
         flat_base = base_t.detach().reshape(-1).cpu()
         flat_task = task_t.detach().reshape(-1).cpu()
@@ -153,10 +128,10 @@ def build_adapter(
         if idx.numel() == 0:
             continue
         if key not in eligible_keys:
-            raise ValueError(f"{key} changed but is not an eligible parameter")
+            raise InvalidTaskState(f"{key} changed but is not an eligible parameter")
         delta = (flat_task[idx].double() - flat_base[idx].double()).to(residual_dtype)
         if not torch.isfinite(delta).all():
-            raise ValueError(f"{key}: the residual is not finite")
+            raise InvalidTaskState(f"{key}: the residual is not finite")
         keep = delta != 0
         idx, delta = idx[keep], delta[keep]
         if idx.numel():
@@ -169,7 +144,7 @@ def build_adapter(
         base_pretrained=base_pretrained,
         base_fingerprint=base_fingerprint,
         class_names=list(class_names),
-        head={"type": HEAD_TYPE, "dim": dim, "num_classes": len(class_names)},
+        head=head_meta(dim, len(class_names)),
         residual_dtype=dtype_name(residual_dtype),
         nnz=nnz,
         eligible_params=eligible_count,
@@ -206,6 +181,6 @@ def merge_state(
     merged = dict(base_state)
     for key, res in adapter.residual.items():
         if key not in base_state:
-            raise KeyError(f"the base has no parameter {key}")
+            raise ParameterNotFound(f"the base has no parameter {key}")
         merged[key] = merge_tensor(base_state[key], res)
     return merged

@@ -1,6 +1,6 @@
 """Base models: build an open_clip model from ``(model, pretrained)``, and fingerprint it.
 
-Shipped bases (DESIGN.md §2):
+Shipped bases (docs/FORMAT.md, "base fingerprint"):
 
 * ``("deltaclip-tiny", "random")`` — a tiny ViT with a deterministic seeded init, for tests.
 * ``("deltaclip-efflite0", "imagenet")`` — an EfficientNet-Lite0 image tower with real ImageNet
@@ -156,7 +156,7 @@ def _hash_tensor_bytes(h: hashlib._Hash, tensor: torch.Tensor) -> None:
 
 
 def base_fingerprint(state: Mapping[str, torch.Tensor] | nn.Module) -> str:
-    """DESIGN.md §2: SHA-256 over every ``state_dict`` entry in sorted key order."""
+    """docs/FORMAT.md, "base fingerprint": SHA-256 over every ``state_dict`` entry in sorted key order."""
     sd = state.state_dict() if isinstance(state, nn.Module) else state
     h = hashlib.sha256()
     for key in sorted(sd):

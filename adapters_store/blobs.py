@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BlobNotFound, ChecksumMismatch
+from .errors import BlobNotFound, ChecksumMismatch, InvalidDigest
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".tmp-"
@@ -29,12 +29,12 @@ def sha256_hex(data: bytes | memoryview) -> str:
 
 
 def check_digest(digest: str) -> str:
-    """Return ``digest`` if it is a lowercase hex SHA-256, else raise ``ValueError``.
+    """Return ``digest`` if it is a lowercase hex SHA-256, else raise :class:`InvalidDigest`.
 
     Digests end up in file paths, so nothing else may pass (no ``../``, no separators).
     """
     if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-        raise ValueError(f"not a lowercase hex SHA-256 digest: {digest!r}")
+        raise InvalidDigest(f"not a lowercase hex SHA-256 digest: {digest!r}")
     return digest
 
 

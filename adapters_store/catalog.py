@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import AlreadyExists, SchemaOutOfDate
+from .errors import AlreadyExists, BrokenMigrations, SchemaOutOfDate
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
@@ -100,7 +100,7 @@ def head_revision() -> str:
 
     heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
     if len(heads) != 1:
-        raise RuntimeError(f"migrations must have exactly one head, found {heads}")
+        raise BrokenMigrations(f"migrations must have exactly one head, found {heads}")
     return heads[0]
 
 

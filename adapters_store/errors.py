@@ -18,7 +18,7 @@ class StoreError(Exception):
 
 
 class InvalidAdapter(StoreError, ValueError):
-    """An adapter file breaks a rule of format v1 (DESIGN.md §3).
+    """An adapter file breaks a rule of format v1 (docs/FORMAT.md, "format v1").
 
     Attributes:
         rule: the rule that was broken, e.g. ``indices-order``; stable, used by tests and clients.
@@ -83,6 +83,40 @@ class SchemaOutOfDate(StoreError, RuntimeError):
     """The catalog database is not at the head migration; ``deltaclip db upgrade`` fixes it."""
 
     code = "schema_out_of_date"
+
+
+class InvalidRequest(StoreError, ValueError):
+    """Arguments to a store call that can never be answered (both a version and an alias, a
+    page size outside 1..1000): the caller's mistake, told apart from a missing adapter."""
+
+    code = "invalid_request"
+
+
+class InvalidDigest(StoreError, ValueError):
+    """A digest that is not 64 lowercase hex digits; digests reach file paths, so none passes."""
+
+    code = "invalid_digest"
+
+
+class InvalidTaskState(StoreError, ValueError):
+    """Task weights that cannot become an adapter of their base (shapes or dtypes differ, a
+    parameter outside the eligible set changed, a residual is not finite)."""
+
+    code = "invalid_task_state"
+
+
+class ParameterNotFound(NotFound, KeyError):
+    """An adapter's residual names a parameter the base's weights lack (a ``KeyError`` too, as a
+    missing key of a ``state_dict``)."""
+
+    code = "parameter_not_found"
+    __str__ = StoreError.__str__  # the message itself, not KeyError's quoted repr of it
+
+
+class BrokenMigrations(StoreError, RuntimeError):
+    """The packaged migrations do not form one line of revisions (an installation fault)."""
+
+    code = "broken_migrations"
 
 
 class InvalidName(StoreError, ValueError):

@@ -1,7 +1,7 @@
 """The task head (the CMKD student, the only head that answers requests).
 
 ``BatchNorm1d(D)`` with its bias frozen at 0 → ``LayerNorm(D, eps=1e-6)`` →
-``Linear(D, C, bias=False)`` initialised from N(0, 0.001²), as in CMKD-RST.md. It lives in the
+``Linear(D, C, bias=False)`` initialised from N(0, 0.001²), as in docs/METHOD.md. It lives in the
 contract package because its ``state_dict`` is stored in every adapter file.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_TYPE = "bn-ln-linear"
+# The head's name in adapter metadata is part of the format, declared with its schema.
+from .format.schema import HEAD_TYPE as HEAD_TYPE
 
 
 class TaskHead(nn.Module):

@@ -1,22 +1,37 @@
 """Store maintenance: garbage collection of unreferenced blobs and the catalog/blob consistency
 check (``deltaclip adapters gc`` / ``fsck``), as :class:`~adapters_store.registry.Registry`
-methods delegate them."""
+methods delegate them.
+
+They work through the registry's public surface only (:class:`Store`), so this module does not
+import the registry and the registry can import it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from sqlalchemy import select
-
+from .blobs import BlobStore
+from .dbblobs import DatabaseBlobStore
 from .errors import BlobNotFound, ChecksumMismatch
-from .models import AdapterRow
-from .records import FsckReport
-
-if TYPE_CHECKING:
-    from .registry import Registry
+from .records import AdapterRecord, FsckReport
 
 
-def gc(registry: Registry, grace_seconds: float = 3600.0) -> list[str]:
+class Store(Protocol):
+    """What gc and fsck need of a registry."""
+
+    @property
+    def blobs(self) -> BlobStore | DatabaseBlobStore: ...
+
+    def referenced_digests(self) -> set[str]: ...
+
+    def entries(self) -> list[tuple[str, int, str]]: ...
+
+    def find_by_digest(self, digest: str) -> AdapterRecord | None: ...
+
+    def delete(self, task: str, version: int) -> AdapterRecord: ...
+
+
+def gc(registry: Store, grace_seconds: float = 3600.0) -> list[str]:
     """Delete blobs no catalog row references and untouched for ``grace_seconds``."""
     referenced = registry.referenced_digests()
     removed = []
@@ -25,14 +40,14 @@ def gc(registry: Registry, grace_seconds: float = 3600.0) -> list[str]:
         if (
             digest not in referenced
             and registry.blobs.age_seconds(digest) >= grace_seconds
-            and registry._find_digest(digest) is None
+            and registry.find_by_digest(digest) is None
             and registry.blobs.delete(digest)
         ):
             removed.append(digest)
     return removed
 
 
-def fsck(registry: Registry, repair: bool = False, grace_seconds: float = 3600.0) -> FsckReport:
+def fsck(registry: Store, repair: bool = False, grace_seconds: float = 3600.0) -> FsckReport:
     """Report (and with ``repair``, fix) disagreements between catalog and blobs.
 
     Repair removes temporary files and orphan blobs older than ``grace_seconds`` (a younger
@@ -40,8 +55,7 @@ def fsck(registry: Registry, repair: bool = False, grace_seconds: float = 3600.0
     whose blob is missing or corrupted (their bytes are gone; re-register the file).
     """
     report = FsckReport()
-    with registry.catalog.read() as s:
-        rows = s.execute(select(AdapterRow.task, AdapterRow.version, AdapterRow.digest)).all()
+    rows = registry.entries()
     referenced = {d for _, _, d in rows}
     for task, version, digest in rows:
         try:
@@ -60,7 +74,7 @@ def fsck(registry: Registry, repair: bool = False, grace_seconds: float = 3600.0
         for digest in report.orphan_blobs:
             if (
                 registry.blobs.age_seconds(digest) >= grace_seconds
-                and registry._find_digest(digest) is None
+                and registry.find_by_digest(digest) is None
             ):
                 registry.blobs.delete(digest)
                 report.repaired.append(f"removed orphan blob {digest}")

@@ -2,41 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from .format.schema import DOC, AdapterMeta
 
-@dataclass(frozen=True)
-class AdapterRecord:
-    """A catalog entry, detached from any database session."""
+# Record fields the listing view leaves out (it adds ``num_classes`` instead of the names).
+SUMMARY_OMITS = ("param_counts", "train_config", "class_names", "head")
 
-    task: str
-    version: int
-    digest: str
-    base_fingerprint: str
-    base_model: str
-    base_pretrained: str
-    source_domain: str
-    target_domain: str
-    method: str
-    class_names: list[str]
-    residual_dtype: str
-    nnz: int
-    eligible_params: int
-    density: float
-    size_bytes: int
-    metrics: dict[str, Any]
-    train_config: dict[str, Any]
-    param_counts: dict[str, int]
-    created_at: str
-    registered_at: str
-    aliases: list[str] = field(default_factory=list)
+
+@dataclass(kw_only=True)
+class AdapterRecord(AdapterMeta):
+    """A catalog entry, detached from any database session: the adapter's metadata (every field
+    of the schema, :class:`~adapters_store.format.schema.AdapterMeta`) plus what the catalog adds.
+
+    Write-once: records are shared between threads and caches, so after construction no field
+    can be reassigned (as with a frozen dataclass, which cannot extend the mutable metadata).
+    """
+
+    version: int = field(metadata={DOC: "Version number within the task (never reused)."})
+    digest: str = field(metadata={DOC: "SHA-256 of the adapter file."})
+    size_bytes: int = field(metadata={DOC: "Size of the adapter file."})
+    param_counts: dict[str, int] = field(metadata={DOC: "Changed weights per base parameter."})
+    registered_at: str = field(metadata={DOC: "When the catalog registered it (UTC)."})
+    aliases: list[str] = field(
+        default_factory=list, metadata={DOC: "Aliases pointing at this version."}
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
 
     def summary(self) -> dict[str, Any]:
-        """The listing view (no per-parameter counts, no train config)."""
+        """The listing view (no per-parameter counts, no train config, no class names)."""
         out = self.to_dict()
-        for key in ("param_counts", "train_config", "class_names"):
+        for key in SUMMARY_OMITS:
             out.pop(key)
         out["num_classes"] = len(self.class_names)
         return out

@@ -29,28 +29,42 @@ from .errors import (
     AlreadyExists,
     IncompatibleBase,
     InvalidAdapter,
+    InvalidRequest,
 )
 from .format.codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
+from .format.schema import META_FIELDS, AdapterMeta, Kind, catalog_values, head_meta
 from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
 from .names import check_name
 from .records import AdapterRecord, FsckReport, Page, Registration, iso_utc
 
 DEFAULT_ALIAS = "production"
-# Free-text metadata kept in catalog columns of these sizes (models.py). The file format allows
-# any text; the catalog refuses what it cannot store faithfully on every backend (PostgreSQL
-# rejects NUL in text and over-long VARCHARs) or show safely (control characters in pages, logs).
-_CATALOG_TEXT = {"source_domain": 256, "target_domain": 256, "method": 128, "created_at": 64}
 
 
-def _check_catalog_text(adapter: Adapter) -> None:
-    for key, longest in _CATALOG_TEXT.items():
-        value: str = getattr(adapter.meta, key)
+def _check_catalog_text(meta: AdapterMeta) -> None:
+    """Refuse free text the catalog cannot keep faithfully.
+
+    The file format allows any text; the catalog refuses what it cannot store on every backend
+    (PostgreSQL rejects NUL in text and over-long VARCHARs) or show safely (control characters
+    in pages and logs). The length limit is the column's (models.py).
+    """
+    for f in META_FIELDS:
+        if f.column is None or f.kind not in (Kind.TEXT, Kind.UTC_TIME):
+            continue
+        longest = getattr(AdapterRow.__table__.c[f.column].type, "length", None)
+        value: str = getattr(meta, f.name)
+        if longest is None:
+            continue
         if len(value) > longest or any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in value):
             shown = repr(value) if len(value) <= 80 else repr(value[:80]) + "…"
             raise InvalidAdapter(
                 "metadata",
-                f"{key} {shown} must be at most {longest} characters, none of them control characters",
+                f"{f.name} {shown} must be at most {longest} characters, none of them control characters",
             )
+
+
+def _detached(value: Any) -> Any:
+    """A copy of a JSON column's list or dict, so records share nothing with the session."""
+    return type(value)(value) if isinstance(value, list | dict) else value
 
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
@@ -98,17 +112,17 @@ class Registry:
         if alias is not None:
             check_name(alias, "alias")
         digest = sha256_hex(data)
-        existing = self._find_digest(digest)
+        existing = self.find_by_digest(digest)
         if existing is None:
             adapter = decode_adapter(data, self.limits)
             check_against_base(adapter, base, self.limits)
-            _check_catalog_text(adapter)
+            _check_catalog_text(adapter.meta)
             self.blobs.put(data, digest)
             try:
                 record = self._insert(adapter, digest, len(data), base)
             except AlreadyExists:
                 # The same bytes were registered concurrently; that registration won.
-                existing = self._find_digest(digest)
+                existing = self.find_by_digest(digest)
                 if existing is None:
                     raise
         if existing is not None:
@@ -139,21 +153,17 @@ class Registry:
                 .returning(TaskRow.last_version)
             ).scalar_one()
             s.add(AdapterRow(
-                task=meta.task, version=version, digest=digest, base_fingerprint=base.fingerprint,
-                source_domain=meta.source_domain, target_domain=meta.target_domain, method=meta.method,
-                class_names=meta.class_names, num_classes=len(meta.class_names),
-                residual_dtype=meta.residual_dtype, nnz=meta.nnz, eligible_params=meta.eligible_params,
-                density=meta.density, size_bytes=size, metrics=meta.metrics, train_config=meta.train_config,
-                param_counts=adapter.change_counts(), adapter_created_at=meta.created_at,
+                **catalog_values(meta), version=version, digest=digest, size_bytes=size,
+                num_classes=len(meta.class_names), param_counts=adapter.change_counts(),
             ))  # fmt: skip
         return self.get(meta.task, version)
 
     # ------------------------------------------------------------------------------ queries
 
     def _query(self) -> Any:
-        return select(AdapterRow, BaseModelRow.model, BaseModelRow.pretrained).join(
-            BaseModelRow, BaseModelRow.fingerprint == AdapterRow.base_fingerprint
-        )
+        return select(
+            AdapterRow, BaseModelRow.model, BaseModelRow.pretrained, BaseModelRow.embed_dim
+        ).join(BaseModelRow, BaseModelRow.fingerprint == AdapterRow.base_fingerprint)
 
     def _records(self, s: Session, stmt: Any) -> builtins.list[AdapterRecord]:
         rows = s.execute(stmt).all()
@@ -166,41 +176,34 @@ class Registry:
             select(AliasRow).where(AliasRow.task.in_(tasks)).order_by(AliasRow.alias)
         ).scalars():
             aliases.setdefault((a.task, a.version), []).append(a.alias)
+        # The metadata comes from the row's columns as the schema maps them; the base's names
+        # from the joined base row, and the head from the class count and the base's width
+        # (check_against_base made the file's head agree with both before the row was written).
         return [
             AdapterRecord(
-                task=r.task,
-                version=r.version,
-                digest=r.digest,
-                base_fingerprint=r.base_fingerprint,
+                **{f.name: _detached(getattr(r, f.column)) for f in META_FIELDS if f.column},
                 base_model=model,
                 base_pretrained=pretrained,
-                source_domain=r.source_domain,
-                target_domain=r.target_domain,
-                method=r.method,
-                class_names=list(r.class_names),
-                residual_dtype=r.residual_dtype,
-                nnz=r.nnz,
-                eligible_params=r.eligible_params,
-                density=r.density,
+                head=head_meta(dim, r.num_classes),
+                version=r.version,
+                digest=r.digest,
                 size_bytes=r.size_bytes,
-                metrics=dict(r.metrics),
-                train_config=dict(r.train_config),
                 param_counts=dict(r.param_counts),
-                created_at=r.adapter_created_at,
                 registered_at=iso_utc(r.registered_at),
                 aliases=aliases.get((r.task, r.version), []),
             )
-            for r, model, pretrained in rows
+            for r, model, pretrained, dim in rows
         ]
 
-    def _find_digest(self, digest: str) -> AdapterRecord | None:
+    def find_by_digest(self, digest: str) -> AdapterRecord | None:
+        """The adapter whose file hashes to ``digest``, or None when none is catalogued."""
+        check_digest(digest)
         with self.catalog.read() as s:
             found = self._records(s, self._query().where(AdapterRow.digest == digest))
         return found[0] if found else None
 
     def get_by_digest(self, digest: str) -> AdapterRecord:
-        check_digest(digest)
-        record = self._find_digest(digest)
+        record = self.find_by_digest(digest)
         if record is None:
             raise AdapterNotFound(f"no adapter with digest {digest}")
         return record
@@ -220,7 +223,7 @@ class Registry:
         """``version``, else ``alias``, else alias ``production`` if set, else the newest version."""
         check_name(task, "task")
         if version is not None and alias is not None:
-            raise ValueError("give a version or an alias, not both")
+            raise InvalidRequest("give a version or an alias, not both")
         if version is not None:
             return self.get(task, version)
         with self.catalog.read() as s:
@@ -266,7 +269,7 @@ class Registry:
             domain: matches the source or the target domain.
         """
         if not (1 <= limit <= 1000) or offset < 0:
-            raise ValueError("limit must be 1..1000 and offset >= 0")
+            raise InvalidRequest("limit must be 1..1000 and offset >= 0")
         conds = []
         if task is not None:
             conds.append(AdapterRow.task == task)
@@ -352,8 +355,15 @@ class Registry:
         return adapter
 
     def referenced_digests(self) -> set[str]:
+        """Every digest a catalog row references."""
         with self.catalog.read() as s:
             return set(s.execute(select(AdapterRow.digest)).scalars())
+
+    def entries(self) -> builtins.list[tuple[str, int, str]]:
+        """``(task, version, digest)`` of every catalogued adapter (what fsck walks)."""
+        with self.catalog.read() as s:
+            rows = s.execute(select(AdapterRow.task, AdapterRow.version, AdapterRow.digest))
+            return [(task, version, digest) for task, version, digest in rows]
 
     def gc(self, grace_seconds: float = 3600.0) -> builtins.list[str]:
         """Delete blobs no catalog row references and untouched for ``grace_seconds``."""

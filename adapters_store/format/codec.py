@@ -1,42 +1,30 @@
 """Adapter file format v1: encode, decode and validate, as pure functions over bytes.
 
-Decoding never unpickles: the header is checked byte by byte first (``framing``), then the v1
-content rules here (so every rejection names the rule it broke), and the tensors are read by
-``safetensors``. Rules that need the base (known
+Decoding never unpickles: the header is checked byte by byte first (``framing``), then the
+metadata against its schema (``schema``), then the tensor rules here (so every rejection names
+the rule it broke), and the tensors are read by ``safetensors``. Rules that need the base (known
 parameter names, index ranges, fingerprint, density budget) are in :func:`check_against_base`.
-Rule names are stable; ``RULES`` lists them all.
+Rule names are stable; ``RULES`` lists them all (docs/FORMAT.md, "format v1").
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..adapter import (
-    FORMAT,
-    FORMAT_VERSION,
-    INT32_LIMIT,
-    RESIDUAL_DTYPES,
-    Adapter,
-    AdapterMeta,
-    Residual,
-    dtype_name,
-)
+from ..adapter import INT32_LIMIT, RESIDUAL_DTYPES, Adapter, Residual, dtype_name
 from ..bases import BaseSignature
 from ..errors import AdapterTooLarge, IncompatibleBase
-from ..head import HEAD_TYPE, head_shapes
-from ..names import PARAM_RE, is_valid_name
+from ..head import head_shapes
+from ..names import PARAM_RE
 from .framing import DEFAULT_LIMITS, Limits, bad, canonical, check_header, show
 from .residual_checks import check_finite, check_index_layout, check_residual
+from .schema import HEAD_TYPE, decode_meta, encode_meta
 
 RULES = (
     "not-safetensors",  # not a well-formed safetensors file (length, header, offsets, trailing bytes)
@@ -58,50 +46,6 @@ RULES = (
     "fingerprint",  # trained against other base weights
 )
 
-_REQUIRED_META = (
-    "format",
-    "format_version",
-    "task",
-    "base_model",
-    "base_pretrained",
-    "base_fingerprint",
-    "class_names",
-    "head",
-    "residual_dtype",
-    "nnz",
-    "eligible_params",
-    "density",
-    "source_domain",
-    "target_domain",
-    "method",
-    "train_config",
-    "metrics",
-    "created_at",
-)
-
-
-def _meta_strings(meta: AdapterMeta) -> dict[str, str]:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "task": meta.task,
-        "base_model": meta.base_model,
-        "base_pretrained": meta.base_pretrained,
-        "base_fingerprint": meta.base_fingerprint,
-        "class_names": json.dumps(meta.class_names, ensure_ascii=False),
-        "head": json.dumps(meta.head, sort_keys=True),
-        "residual_dtype": meta.residual_dtype,
-        "nnz": str(meta.nnz),
-        "eligible_params": str(meta.eligible_params),
-        "density": repr(float(meta.density)),
-        "source_domain": meta.source_domain,
-        "target_domain": meta.target_domain,
-        "method": meta.method,
-        "train_config": json.dumps(meta.train_config, sort_keys=True),
-        "metrics": json.dumps(meta.metrics, sort_keys=True),
-        "created_at": meta.created_at,
-    }
-
 
 def encode_adapter(adapter: Adapter) -> bytes:
     """The v1 file bytes for ``adapter`` (deterministic for equal inputs)."""
@@ -113,7 +57,7 @@ def encode_adapter(adapter: Adapter) -> bytes:
         tensors[f"head/{key}"] = value.contiguous()
     if adapter.class_embeddings is not None:
         tensors["text/class_embeddings"] = adapter.class_embeddings.contiguous()
-    return canonical(st_save(tensors, metadata=_meta_strings(adapter.meta)))
+    return canonical(st_save(tensors, metadata=encode_meta(adapter.meta)))
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
@@ -137,102 +81,6 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
 # ---------------------------------------------------------------------------------------- decode
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("number out of range")
-    return value
-
-
-def _json_meta(meta: dict[str, str], key: str, kind: type) -> Any:
-    try:
-        # NaN and Infinity are not JSON: PostgreSQL's json type and strict clients refuse them.
-        value = json.loads(meta[key], parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
-        raise bad("metadata", f"{key} is not valid JSON (NaN and Infinity are not)") from None
-    if not isinstance(value, kind):
-        raise bad("metadata", f"{key} must be a JSON {kind.__name__}")
-    return value
-
-
-def _int_meta(meta: dict[str, str], key: str) -> int:
-    text = meta[key]
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise bad("metadata", f"{key} must be a non-negative decimal integer, got {show(text)}")
-    return int(text)
-
-
-def _parse_meta(meta: dict[str, str], limits: Limits) -> AdapterMeta:
-    missing = [k for k in _REQUIRED_META if k not in meta]
-    if missing:
-        raise bad("metadata", f"missing metadata keys: {', '.join(missing)}")
-    if meta["format"] != FORMAT:
-        raise bad("metadata", f"format is {show(meta['format'])}, expected {FORMAT!r}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise bad(
-            "metadata",
-            f"format_version {show(meta['format_version'])} is not supported (this reader knows {FORMAT_VERSION})",
-        )
-    if not is_valid_name(meta["task"]):
-        raise bad(
-            "metadata",
-            f"task name {show(meta['task'])} is not allowed (letters, digits, '.', '_', '-')",
-        )
-    fp = meta["base_fingerprint"]
-    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-        raise bad("metadata", "base_fingerprint must be 64 lowercase hex digits")
-    classes = _json_meta(meta, "class_names", list)
-    if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
-        raise bad("metadata", "class_names must be a non-empty JSON list of non-empty strings")
-    if len(set(classes)) != len(classes):
-        raise bad("metadata", "class_names has duplicates")
-    if len(classes) > limits.max_classes:
-        raise AdapterTooLarge(f"{len(classes)} classes, the limit is {limits.max_classes}")
-    head = _json_meta(meta, "head", dict)
-    if (
-        head.get("type") != HEAD_TYPE
-        or type(head.get("dim")) is not int
-        or head.get("num_classes") != len(classes)
-    ):
-        raise bad(
-            "metadata",
-            f"head must be {{'type': {HEAD_TYPE!r}, 'dim': D, 'num_classes': {len(classes)}}}",
-        )
-    if meta["residual_dtype"] not in RESIDUAL_DTYPES:
-        raise bad("metadata", f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}")
-    try:
-        density = float(meta["density"])
-    except ValueError:
-        raise bad("metadata", "density is not a number") from None
-    try:
-        created = _dt.datetime.fromisoformat(meta["created_at"])
-    except ValueError:
-        created = None
-    if created is None or created.utcoffset() != _dt.timedelta(0):
-        raise bad(
-            "metadata", "created_at must be an ISO 8601 UTC timestamp (e.g. 2026-01-31T12:00:00Z)"
-        )
-    nnz, eligible = _int_meta(meta, "nnz"), _int_meta(meta, "eligible_params")
-    if nnz > eligible or not (
-        math.isfinite(density) and abs(density - (nnz / eligible if eligible else 0.0)) <= 1e-9
-    ):
-        raise bad(
-            "metadata", "density must equal nnz / eligible_params, with nnz <= eligible_params"
-        )
-    return AdapterMeta(
-        task=meta["task"], base_model=meta["base_model"], base_pretrained=meta["base_pretrained"],
-        base_fingerprint=fp, class_names=classes, head=head, residual_dtype=meta["residual_dtype"],
-        nnz=nnz, eligible_params=eligible, density=density, source_domain=meta["source_domain"],
-        target_domain=meta["target_domain"], method=meta["method"],
-        train_config=_json_meta(meta, "train_config", dict), metrics=_json_meta(meta, "metrics", dict),
-        created_at=meta["created_at"],
-    )  # fmt: skip
-
-
 def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
     """Parse and validate every base-independent rule of format v1.
 
@@ -240,7 +88,7 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
         InvalidAdapter: with ``rule`` naming the broken rule (see ``RULES``).
     """
     raw_meta, entries = check_header(data, limits)
-    meta = _parse_meta(raw_meta, limits)
+    meta = decode_meta(raw_meta, limits)
     residual_names: dict[str, set[str]] = {}
     for name in entries:
         if name.startswith("residual/"):
