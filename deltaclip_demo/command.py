@@ -110,6 +110,7 @@ def check_task(url: str, task: str, folder: Path) -> dict[str, Any]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Prepare the domains, train and register one adapter per shift, serve them and ask."""
     from adapters_store.catalog import upgrade
     from adapters_store.config import StoreSettings
 
@@ -203,6 +204,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    """Entry point of the ``deltaclip.commands`` group: adds ``deltaclip demo``."""
     p = sub.add_parser(
         "demo", help="train adapters on real images offline, serve them, and ask the server"
     )

@@ -54,6 +54,8 @@ SHIFTS: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 @dataclass
 class ImageSet:
+    """Grey images, their class indices, the class names and where the images came from."""
+
     images: np.ndarray  # [N, H, W] uint8
     labels: np.ndarray  # [N] int
     classes: list[str]

@@ -47,6 +47,7 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``deltaclip train``'s flags, with :class:`TrainConfig`'s defaults (never two values)."""
     d = _DEFAULTS
     p.add_argument("--source", required=True, help="labelled source domain folder (CLASS/*.jpg)")
     p.add_argument("--target", required=True, help="target domain folder (labels: evaluation only)")
@@ -112,6 +113,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions, StoreSettings]:
+    """Typed settings from flags: what shapes the weights, how the run executes, the store."""
     settings = _settings(args)
     cfg = TrainConfig(
         source=str(args.source), target=str(args.target), task=args.task,
@@ -158,6 +160,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``deltaclip train`` and print its outcome (JSON with ``--json``); the exit status."""
     out = run_train(args)
     if not out:
         return 0
@@ -175,6 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``deltaclip eval``'s flags (the folder, which adapter or ``--zero-shot``, output)."""
     p.add_argument("--data", required=True, type=Path, help="labelled folder (CLASS/*.jpg)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="a registered task")
@@ -191,6 +195,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate an adapter as served, or the base zero-shot; the report (with the PNG path)."""
     from .evaluate import evaluate_adapter, evaluate_zero_shot
     from .plot import confusion_png
     from .runtime import resolve_device
@@ -222,6 +227,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Run ``deltaclip eval`` and print the report (JSON with ``--json``); the exit status."""
     result = run_eval(args)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -268,6 +274,7 @@ def register(subparsers: Any) -> None:
 
 
 def build_train_parser() -> argparse.ArgumentParser:
+    """A standalone parser for ``train``'s flags, for :func:`main` (no subcommand to pick)."""
     p = argparse.ArgumentParser(prog="deltaclip train", description="CMKD + RST training")
     add_train_arguments(p)
     return p

@@ -112,6 +112,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
+        """Optimiser steps of the whole run; the learning-rate decay and the ramp count in steps."""
         return self.epochs * self.iters_per_epoch
 
     @property
@@ -121,6 +122,7 @@ class TrainConfig:
 
     @staticmethod
     def require(value: Any, name: str) -> Any:
+        """``value``, or an error naming the setting when it was used before :meth:`resolve`."""
         if value is None:
             raise TrainError(f"{name} is not resolved yet; call TrainConfig.resolve first")
         return value
@@ -181,10 +183,12 @@ class TrainConfig:
             raise TrainError("; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values: what checkpoints compare and an adapter's ``train_config`` holds."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict` output, ignoring keys this version does not know."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

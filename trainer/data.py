@@ -52,6 +52,7 @@ class DomainFolder:
 
     @property
     def name(self) -> str:
+        """The folder's name, used as the catalogued domain name when none is given."""
         return self.root.name
 
 
@@ -149,6 +150,7 @@ def labelled(domain: DomainFolder, class_names: Sequence[str]) -> list[tuple[Pat
 
 
 def load_rgb(path: Path) -> Image.Image:
+    """Decode an image as 3-channel RGB (grey, palette and alpha alike), then close the file."""
     with Image.open(path) as im:
         return im.convert("RGB")
 

@@ -22,16 +22,20 @@ from .errors import TrainError
 
 @dataclass(frozen=True)
 class Distributed:
+    """This process's place in a ``torchrun`` job; the defaults describe a single process."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
+        """More than one rank: gradients are averaged and replicas compared."""
         return self.world > 1
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the one that logs, checkpoints, evaluates and writes the adapter."""
         return self.rank == 0
 
 
@@ -58,6 +62,7 @@ def rank_device(info: Distributed, device: torch.device) -> torch.device:
 
 
 def tower_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' keys and float32 bytes, comparable across ranks."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         h.update(key.encode())
@@ -78,10 +83,12 @@ def assert_replicas_identical(
 
 
 def barrier(info: Distributed) -> None:
+    """Wait for every rank (no-op when not distributed)."""
     if info.enabled:
         dist.barrier()
 
 
 def shutdown(info: Distributed) -> None:
+    """Leave the process group, so ``torchrun`` sees a clean exit (no-op when not distributed)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -104,6 +104,7 @@ def snap(
 
 
 def default_output(settings: StoreSettings, task: str, created_at: str) -> Path:
+    """``<home>/adapters/<task>-<timestamp>.safetensors``: one file per run, named by its time."""
     stamp = created_at.replace("-", "").replace(":", "")
     return settings.home / "adapters" / f"{task}-{stamp}.safetensors"
 
@@ -128,6 +129,7 @@ def check_written(path: Path, signature: BaseSignature, settings: StoreSettings)
 def register(
     data: bytes, signature: BaseSignature, settings: StoreSettings, alias: str | None
 ) -> Registration:
+    """Register the adapter's bytes in the catalog (closing the registry, whatever happens)."""
     registry = Registry.from_settings(settings)
     try:
         return registry.register(data, signature, alias=alias)

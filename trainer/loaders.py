@@ -63,6 +63,7 @@ class InfiniteBatchSampler:
 
 
 def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -70,6 +71,7 @@ def available_cpus() -> int:
 
 
 def default_workers() -> int:
+    """Loader processes by default: ``min(2, cpus)``, leaving the rest to the compute."""
     return min(2, available_cpus())
 
 

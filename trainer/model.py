@@ -104,9 +104,11 @@ class CMKDModel(nn.Module):
 
     @property
     def visual(self) -> nn.Module:
+        """The image tower (the part that RST trains and the adapter stores)."""
         return cast(nn.Module, self.net.visual)
 
     def train(self, mode: bool = True) -> CMKDModel:
+        """Train the tower and the task head, keeping the tower's BatchNorms in eval mode."""
         self.training = mode
         self.net.eval()
         self.visual.train(mode)
@@ -118,6 +120,7 @@ class CMKDModel(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's ``encode_image`` output in float32: the input of both heads."""
         return cast(Any, self.net).encode_image(images).float()
 
     def forward(self, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -70,6 +70,7 @@ def enforce_budget(
 
 @torch.no_grad()
 def count_changed(params: Mapping[str, nn.Parameter], base: Mapping[str, torch.Tensor]) -> int:
+    """How many weights differ from the base, counted exactly (after a resume or a snap)."""
     return sum(int((p != base[k]).sum()) for k, p in params.items())
 
 
@@ -104,8 +105,10 @@ class ResidualSparsity:
 
     @property
     def density(self) -> float:
+        """Changed weights as a fraction of the eligible ones."""
         return self.nnz / self.eligible if self.eligible else 0.0
 
     def recount(self) -> int:
+        """Count the changed weights again after the tower was set from outside."""
         self.nnz = count_changed(self.params, self.base)
         return self.nnz

@@ -33,6 +33,7 @@ def resolve_device(requested: str | None, settings: StoreSettings | None = None)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: a run's draws depend on its seed only."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -132,6 +132,7 @@ class Session:
         return {**task, "teacher_accuracy": report(preds["text"], labels, class_names)["accuracy"]}
 
     def state(self) -> dict[str, Any]:
+        """The trainable state for a checkpoint, as CPU copies (tower, head, optimiser, step)."""
         return {
             "step": self.step,
             "tower": {k: p.detach().cpu().clone() for k, p in self.tower.items()},
@@ -141,6 +142,7 @@ class Session:
 
     @torch.no_grad()
     def load_state(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state`: weights, momentum buffers, step and learning rates."""
         for key, p in self.tower.items():
             p.copy_(state["tower"][key])
         self.model.head.load_state_dict(state["head"])
@@ -150,16 +152,20 @@ class Session:
         self.rst.recount()
 
     def tower_state(self) -> dict[str, torch.Tensor]:
+        """The trained tower ``W`` on CPU, keyed like the base."""
         return {k: p.detach().cpu().clone() for k, p in self.tower.items()}
 
     def base_state(self) -> dict[str, torch.Tensor]:
+        """The base tower ``W0`` on CPU, as RST resets towards it."""
         return {k: v.cpu().clone() for k, v in self.rst.base.items()}
 
     def head_state(self) -> dict[str, torch.Tensor]:
+        """The task head's parameters and buffers on CPU, as the adapter stores them."""
         return {k: v.detach().cpu().clone() for k, v in self.model.head.state_dict().items()}
 
     @torch.no_grad()
     def set_tower(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the tower's weights (the snapped, served ones) and recount the changes."""
         for key, p in self.tower.items():
             p.copy_(state[key])
         self.rst.recount()
