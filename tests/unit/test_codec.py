@@ -1,5 +1,6 @@
-"""Adapter file format v1 (DESIGN.md §3): round trip, determinism, size, one crafted bad file per
-rule of ``codec.RULES``, and the definition of task weights (``merge_tensor`` / ``merge_state``).
+"""Adapter file format v1 (docs/FORMAT.md, "format v1"): round trip, determinism, size, one
+crafted bad file per rule of ``codec.RULES``, and the definition of task weights
+(``merge_tensor`` / ``merge_state``).
 """
 
 from __future__ import annotations
