@@ -192,6 +192,7 @@ RULES: tuple[Rule, ...] = (
     Rule(store.NotFound, 404, None),
     Rule(store.AlreadyExists, 409, None),
     Rule(store.InvalidName, 400, None),
+    Rule(store.InvalidRequest, 400, None),
     # Damaged stored bytes: refused for this adapter only, as a conflict with the stored state
     # (re-registering the file repairs it); never a 5xx.
     Rule(store.ChecksumMismatch, 409, None),

@@ -24,7 +24,7 @@ from adapters_store.records import AdapterRecord, Page, Registration
 
 from .batcher import Batcher, BatchFn, QueueFull
 from .config import ServerSettings
-from .errors import InvalidRequest, Overloaded, Timeout
+from .errors import Overloaded, Timeout
 from .runtime import Runtime
 
 log = logging.getLogger("deltaclip.server")
@@ -84,10 +84,10 @@ class Service:
     async def classify(
         self, task: str, version: int | None, alias: str | None, read: ReadImages
     ) -> Prediction:
-        """Resolve the task's adapter, decode the images at its training size and run them."""
+        """Resolve the task's adapter, decode the images at its training size and run them.
+
+        The store refuses a version and an alias together (400 ``invalid_request``)."""
         start = time.perf_counter()
-        if version is not None and alias is not None:
-            raise InvalidRequest("give version or alias, not both")
         serving = self.runtime.require_ready()
         registry = self.runtime.registry
         record = await asyncio.to_thread(registry.resolve, task, version, alias)
