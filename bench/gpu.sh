@@ -3,20 +3,20 @@
 #
 #   bash bench/gpu.sh [OUT.json]        (default: docs/bench/gpu.json)
 #
-# Runs bench/alternatives.py (swap cost + exactness, ViT-B-16) and bench/http_load.py (HTTP grid
-# with ViT-B-16 on the GPU + in-process PEFT mixed batches) with --device cuda, each under a
+# Runs `python -m bench swap` (swap cost + exactness, ViT-B-16) and `python -m bench http` (HTTP
+# grid with ViT-B-16 on the GPU + in-process PEFT mixed batches) with --device cuda, each under a
 # timeout, and writes one JSON with both results, the machine, and the two targets checked:
 #   - deltaclip patch+restore ≤ 2 % of a batch-1 forward (every density),
 #   - 30-task HTTP throughput ≥ 95 % of single-task (large cache, uniform popularity).
 # A step that fails or times out is recorded in the JSON (with its log tail); the rest still run.
-# Budget: 3 + 6 minutes at most (ALT_TIMEOUT, HTTP_TIMEOUT); both scripts save partial results, so a
-# step cut by its timeout still reports what it measured.
+# Budget: 3 + 6 minutes at most (SWAP_TIMEOUT, HTTP_TIMEOUT); both questions save partial results, so
+# a step cut by its timeout still reports what it measured.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-docs/bench/gpu.json}
-ALT_TIMEOUT=${ALT_TIMEOUT:-180}
+SWAP_TIMEOUT=${SWAP_TIMEOUT:-${ALT_TIMEOUT:-180}}
 HTTP_TIMEOUT=${HTTP_TIMEOUT:-360}
 THREADS=${THREADS:-$(nproc)}
 WORK=$(mktemp -d)
@@ -38,18 +38,18 @@ run_step() {  # name timeout command...
 }
 
 # load-average waits make no sense on a dedicated GPU machine: --max-wait-s 0 (the load is recorded)
-run_step alternatives "$ALT_TIMEOUT" "$PY" bench/alternatives.py --device cuda --threads "$THREADS" \
-  --sections swap,exactness --reps 3 --max-wait-s 0 --out "$WORK/alternatives.json"
-run_step http_load "$HTTP_TIMEOUT" "$PY" bench/http_load.py --device cuda --arch ViT-B-16 \
+run_step swap "$SWAP_TIMEOUT" "$PY" -m bench swap --device cuda --threads "$THREADS" \
+  --sections swap,exactness --reps 3 --max-wait-s 0 --out "$WORK/swap.json"
+run_step http "$HTTP_TIMEOUT" "$PY" -m bench http --device cuda --base ViT-B-16 --sections grid,peft \
   --threads "$THREADS" --tasks 1,4,16,30,64,256 --peft-tasks 1,4,16,64 --requests 400 --reps 2 --peft-batches 20 \
-  --max-wait-s 0 --home "$WORK/store" --out "$WORK/http_load.json"
+  --max-wait-s 0 --home "$WORK/store" --out "$WORK/http.json"
 
 "$PY" - "$WORK" "$OUT" <<'EOF'
 import json, pathlib, sys
 
 work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 result = {"script": "bench/gpu.sh", "steps": {}}
-for name in ("alternatives", "http_load"):
+for name in ("swap", "http"):
     rc, secs = (work / f"{name}.status").read_text().split()
     step = {"exit": int(rc), "seconds": int(secs)}
     js = work / f"{name}.json"
@@ -59,12 +59,12 @@ for name in ("alternatives", "http_load"):
         step["log_tail"] = (work / f"{name}.log").read_text()[-4000:]
     result["steps"][name] = step
 targets = {}
-swap = result.get("alternatives", {}).get("swap")
+swap = result.get("swap", {}).get("swap")
 if swap:
     worst = max(r["deltaclip"]["vs_forward_b1"] for r in swap["rows"])
     targets["patch_restore_vs_forward_b1_max"] = worst
     targets["patch_restore_le_2pct"] = worst <= 0.02
-http = result.get("http_load", {}).get("http", {}).get("large")
+http = result.get("http", {}).get("http", {}).get("large")
 if http:
     row = next((r for r in http["rows"] if r["n"] == 30 and r["popularity"] == "uniform"), None)
     if row:

@@ -1,10 +1,12 @@
-"""Plots and Markdown tables from the alternatives / HTTP benchmark results.
+"""The harness's plots: PNGs and Markdown tables from result files of the swap, storage and http
+questions.
 
-    .venv/bin/python bench/plots.py [--alternatives docs/bench/alternatives.json] \
-        [--http docs/bench/http_load.json] [--outdir docs/bench] [--tables]
+    python -m bench plots [RESULT.json ...] [--outdir docs/bench] [--tables]
 
-Writes PNGs next to the JSON (matplotlib, Agg backend) and, with ``--tables``, prints the
-Markdown tables used in docs/BENCHMARKS.md.
+The files are merged in order, and every section found is drawn (matplotlib, Agg backend):
+``swap`` → swap_cost.png, ``exactness`` → exactness.png, ``memory`` + ``storage`` →
+memory_storage.png, ``http`` grid → http_throughput.png, ``inprocess`` → inprocess_mixed.png.
+With ``--tables`` it prints the Markdown tables used in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.harness import print_table
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = [ROOT / "docs" / "bench" / "alternatives.json", ROOT / "docs" / "bench" / "http_load.json"]  # fmt: skip
 SWAP_METHODS = [
     ("deltaclip", "deltaclip fused patch+restore"),
     ("deltaclip_1t", "deltaclip, 1 thread"),
+    ("between_forwards", "deltaclip, between forward passes"),
     ("deltaclip_index_put_", "deltaclip data, index_put_ (candidate)"),
     ("deltaclip_scatter_", "deltaclip data, scatter_ (candidate)"),
     ("deltaclip_numpy", "deltaclip data, numpy assignment (candidate)"),
@@ -125,7 +131,7 @@ def plot_memory(alt: dict[str, Any], outdir: Path, plt: Any) -> None:
 
 
 def plot_http(http: dict[str, Any], outdir: Path, plt: Any) -> None:
-    caches = list(http.get("http", {}))
+    caches = list(http["http"]) if "cache_bytes" in http else []
     if caches:
         fig, axes = plt.subplots(2, len(caches), figsize=(5.5 * len(caches), 7), squeeze=False)
         for j, cache in enumerate(caches):
@@ -146,7 +152,7 @@ def plot_http(http: dict[str, Any], outdir: Path, plt: Any) -> None:
             for ax in (axes[0][j], axes[1][j]):
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=7)
-        fig.suptitle(f"HTTP /predict, {http['arch']} on {http['device']}, {http['clients']} closed-loop clients")  # fmt: skip
+        fig.suptitle(f"HTTP /predict, {http.get('arch') or http.get('base')} on {http['device']}, {http['clients']} closed-loop clients")  # fmt: skip
         fig.tight_layout()
         fig.savefig(outdir / "http_throughput.png", dpi=120)
         plt.close(fig)
@@ -175,87 +181,61 @@ def plot_http(http: dict[str, Any], outdir: Path, plt: Any) -> None:
 
 def tables_alternatives(alt: dict[str, Any]) -> None:
     if "swap" in alt:
-        sw = alt["swap"]
-        fwd = sw["forward_b1"]
+        fwd, rows = alt["swap"]["forward_b1"], alt["swap"]["rows"]
         print(f"Batch-1 forward of the image tower: p50 {ms(fwd['p50_ms'])} ms, p99 {ms(fwd['p99_ms'])} ms.\n")  # fmt: skip
-        rows = sw["rows"]
-        head = "| method | " + " | ".join(f"{pct(r['density'])} ({r['nnz']:,} w, LoRA r={r['lora_rank']})" for r in rows) + " |"  # fmt: skip
-        print(head)
-        print("|---|" + "---|" * len(rows))
-        for key, label in SWAP_METHODS:
-            if key not in rows[0]:
-                continue
-            cells = [
-                f"{ms(r[key]['p50_ms'])} / {ms(r[key]['p99_ms'])} ms ({r[key]['vs_forward_b1'] * 100:.2f} %)"
-                for r in rows
-            ]
-            print(f"| {label} | " + " | ".join(cells) + " |")
-        cells = [
+        cells = [[label] + [f"{ms(r[key]['p50_ms'])} / {ms(r[key]['p99_ms'])} ms ({r[key]['vs_forward_b1'] * 100:.2f} %)" for r in rows]
+                 for key, label in SWAP_METHODS if key in rows[0]]  # fmt: skip
+        cells.append(["unmerged LoRA: extra cost of every batch-1 forward"] + [
             f"+{(r['lora_forward_b1']['p50_ms'] - r['forward_b1_paired']['p50_ms']):.1f} ms (+{(r['lora_forward_b1']['vs_forward_b1'] - 1) * 100:.1f} %)"
-            if "forward_b1_paired" in r
-            else "n/a"
-            for r in rows
-        ]
-        print("| unmerged LoRA: extra cost of every batch-1 forward | " + " | ".join(cells) + " |")
-        print()
+            if "forward_b1_paired" in r else "n/a" for r in rows])  # fmt: skip
+        print_table(["method"] + [f"{pct(r['density'])} ({r['nnz']:,} w, LoRA r={r['lora_rank']})" for r in rows], cells)  # fmt: skip
     if "exactness" in alt:
-        print("| dtype | method | cycles | max abs drift of the base | drifted weights | first drift at cycle | fingerprint matches | task weights off by |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
-        for r in alt["exactness"]["rows"]:
-            task = (
-                "—"
-                if r["task_weights_max_abs_error"] is None
-                else f"{r['task_weights_max_abs_error']:.3g}"
-            )
-            first = r["first_drift_cycle"] if r["first_drift_cycle"] is not None else "never"
-            print(f"| {r['dtype']} | {r['method']} | {r['cycles']:,} | {r['max_abs_drift']:.3g} | {r['drifted_weights']:,} "
-                  f"| {first} | {'yes' if r['fingerprint_matches'] else '**no**'} | {task} |")  # fmt: skip
-        print()
+        print_table(["dtype", "method", "cycles", "max abs drift of the base", "drifted weights", "first drift at cycle", "fingerprint matches", "task weights off by"],
+                    [[r["dtype"], r["method"], f"{r['cycles']:,}", f"{r['max_abs_drift']:.3g}", f"{r['drifted_weights']:,}",
+                      "never" if r["first_drift_cycle"] is None else str(r["first_drift_cycle"]), "yes" if r["fingerprint_matches"] else "**no**",
+                      "—" if r["task_weights_max_abs_error"] is None else f"{r['task_weights_max_abs_error']:.3g}"]
+                     for r in alt["exactness"]["rows"]])  # fmt: skip
     if "memory" in alt:
-        print("| changed weights | nnz | deltaclip prepared bytes (residual + head) | bytes per changed weight | measured RSS per adapter | adapters per GiB | PEFT LoRA bytes (rank) | LoRA per GiB | dense copy bytes | dense per GiB |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in alt["memory"]["rows"]:
-            print(f"| {pct(r['density'])} | {r['nnz']:,} | {r['prepared_bytes']:,} ({r['residual_bytes']:,} + {r['head_bytes']:,}) "
-                  f"| {r['bytes_per_changed_weight']:.1f} | {r['measured_bytes_per_adapter']:,.0f} | {r['adapters_per_gib']:,.0f} "
-                  f"| {r['lora_bytes']:,} (r={r['lora_rank']}) | {r['lora_per_gib']:,.0f} | {r['dense_bytes']:,} | {r['dense_per_gib']:.1f} |")  # fmt: skip
-        print()
+        print_table(["changed weights", "nnz", "deltaclip prepared bytes (residual + head)", "bytes per changed weight", "measured RSS per adapter", "adapters per GiB", "PEFT LoRA bytes (rank)", "LoRA per GiB", "dense copy bytes", "dense per GiB"],
+                    [[pct(r["density"]), f"{r['nnz']:,}", f"{r['prepared_bytes']:,} ({r['residual_bytes']:,} + {r['head_bytes']:,})",
+                      f"{r['bytes_per_changed_weight']:.1f}", f"{r['measured_bytes_per_adapter']:,.0f}", f"{r['adapters_per_gib']:,.0f}",
+                      f"{r['lora_bytes']:,} (r={r['lora_rank']})", f"{r['lora_per_gib']:,.0f}", f"{r['dense_bytes']:,}", f"{r['dense_per_gib']:.1f}"]
+                     for r in alt["memory"]["rows"]])  # fmt: skip
     if "storage" in alt:
-        print("| changed weights | v1 file bytes (whole adapter) | v1 residual bytes per changed weight | reference bytes per changed weight | v1, 2-D weights only | reference, 2-D weights only | reference / v1 |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|")
-        for r in alt["storage"]["rows"]:
-            print(f"| {pct(r['density'])} | {r['v1_file_bytes']:,} | {r['v1_per_weight']:.2f} | {r['reference_per_weight']:.2f} "
-                  f"| {r['v1_2d_per_weight']:.2f} | {r['reference_2d_per_weight']:.2f} | {r['reference_bytes'] / r['v1_residual_bytes']:.2f}× |")  # fmt: skip
-        print()
+        print_table(["changed weights", "v1 file bytes (whole adapter)", "v1 residual bytes per changed weight", "reference bytes per changed weight", "v1, 2-D weights only", "reference, 2-D weights only", "reference / v1"],
+                    [[pct(r["density"]), f"{r['v1_file_bytes']:,}", f"{r['v1_per_weight']:.2f}", f"{r['reference_per_weight']:.2f}",
+                      f"{r['v1_2d_per_weight']:.2f}", f"{r['reference_2d_per_weight']:.2f}", f"{r['reference_bytes'] / r['v1_residual_bytes']:.2f}×"]
+                     for r in alt["storage"]["rows"]])  # fmt: skip
 
 
 def tables_http(http: dict[str, Any]) -> None:
-    for cache, res in http.get("http", {}).items():
+    for cache, res in (http["http"] if "cache_bytes" in http else {}).items():
         print(f"{cache} cache ({http['cache_bytes'][cache]:,} bytes):\n")
-        print("| N tasks | popularity | requests/s | vs 1 task | p50 ms | p99 ms | cold loads per run | mean batch | errors |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in sorted(res["rows"], key=lambda r: (r["n"], r["popularity"])):
-            print(f"| {r['n']} | {r['popularity']} | {r['rps']:.1f} | {r.get('vs_single', 1):.2f} | {r['p50_ms']:,.0f} "
-                  f"| {r['p99_ms']:,.0f} | {r['cold_loads_per_rep']:.0f} | {r['mean_batch']:.1f} | {r['errors']} |")  # fmt: skip
-        print()
+        print_table(["N tasks", "popularity", "requests/s", "vs 1 task", "p50 ms", "p99 ms", "cold loads per run", "mean batch", "errors"],
+                    [[str(r["n"]), r["popularity"], f"{r['rps']:.1f}", f"{r.get('vs_single', 1):.2f}", f"{r['p50_ms']:,.0f}",
+                      f"{r['p99_ms']:,.0f}", f"{r['cold_loads_per_rep']:.0f}", f"{r['mean_batch']:.1f}", str(r["errors"])]
+                     for r in sorted(res["rows"], key=lambda r: (r["n"], r["popularity"]))])  # fmt: skip
     if "inprocess" in http:
-        ip = http["inprocess"]
-        print("| N tasks | popularity | merged model img/s | deltaclip img/s (vs merged) | PEFT mixed img/s (vs merged) |")  # fmt: skip
-        print("|---|---|---|---|---|")
-        for r in ip["rows"]:
-            print(f"| {r['n']} | {r['popularity']} | {r['merged_img_s']:.1f} | {r['deltaclip_img_s']:.1f} ({r['deltaclip_vs_merged']:.2f}) "
-                  f"| {r['peft_mixed_img_s']:.1f} ({r['peft_mixed_vs_merged']:.2f}) |")  # fmt: skip
-        print()
+        print_table(["N tasks", "popularity", "merged model img/s", "deltaclip img/s (vs merged)", "PEFT mixed img/s (vs merged)"],
+                    [[str(r["n"]), r["popularity"], f"{r['merged_img_s']:.1f}", f"{r['deltaclip_img_s']:.1f} ({r['deltaclip_vs_merged']:.2f})",
+                      f"{r['peft_mixed_img_s']:.1f} ({r['peft_mixed_vs_merged']:.2f})"] for r in http["inprocess"]["rows"]])  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--alternatives", type=Path, default=ROOT / "docs" / "bench" / "alternatives.json")  # fmt: skip
-    ap.add_argument("--http", type=Path, default=ROOT / "docs" / "bench" / "http_load.json")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("results", nargs="*", type=Path, default=DEFAULT_RESULTS,
+                    help="result JSON files, merged in order (default: the published ones)")  # fmt: skip
     ap.add_argument("--outdir", type=Path, default=ROOT / "docs" / "bench")
     ap.add_argument("--tables", action="store_true", help="print the Markdown tables")
-    args = ap.parse_args()
-    alt = json.loads(args.alternatives.read_text()) if args.alternatives.exists() else None
-    http = json.loads(args.http.read_text()) if args.http.exists() else None
+
+
+def run(args: argparse.Namespace, result: None) -> int:
+    """Plot every section found in the result files (a swap, storage and http result, or the
+    published alternatives.json and http_load.json), and print their tables with ``--tables``."""
+    merged: dict[str, Any] = {}
+    for path in args.results:
+        if path.exists():
+            merged.update(json.loads(path.read_text()))
+    plt: Any
     try:
         import matplotlib
 
@@ -266,22 +246,18 @@ def main() -> None:
         print("matplotlib is not installed: tables only (pip install matplotlib)")
     if plt is not None:
         args.outdir.mkdir(parents=True, exist_ok=True)
-        if alt is not None:
-            if "swap" in alt:
-                plot_swap(alt, args.outdir, plt)
-            if "exactness" in alt:
-                plot_exactness(alt, args.outdir, plt)
-            if "memory" in alt and "storage" in alt:
-                plot_memory(alt, args.outdir, plt)
-        if http is not None:
-            plot_http(http, args.outdir, plt)
+        if "swap" in merged:
+            plot_swap(merged, args.outdir, plt)
+        if "exactness" in merged:
+            plot_exactness(merged, args.outdir, plt)
+        if "memory" in merged and "storage" in merged:
+            plot_memory(merged, args.outdir, plt)
+        if "inprocess" in merged or (
+            isinstance(merged.get("http"), dict) and "large" in merged["http"]
+        ):
+            plot_http(merged, args.outdir, plt)
         print(f"plots written to {args.outdir}")
     if args.tables:
-        if alt is not None:
-            tables_alternatives(alt)
-        if http is not None:
-            tables_http(http)
-
-
-if __name__ == "__main__":
-    main()
+        tables_alternatives(merged)
+        tables_http(merged)
+    return 0

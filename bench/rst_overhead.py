@@ -1,15 +1,15 @@
-"""Step-time overhead of RST against plain fine-tuning (issue #3), CPU, the offline base.
+"""Question "rst_overhead": step-time overhead of RST against plain fine-tuning, CPU.
 
-    .venv/bin/python bench/rst_overhead.py [--steps 8] [--batch-size 32] [--out results.json]
+    python -m bench rst_overhead [--steps 8] [--warmup 2] [--batch-size 32]
 
-A real ``trainer.session.Session`` on ``deltaclip-efflite0`` (the ImageNet-pretrained offline
-base), the default CMKD configuration (batch 32 source + 32 target images at the base's image
-size), random image tensors (the step's cost does not depend on pixel values). Three variants,
-interleaved step by step so machine drift hits all alike:
+A real ``trainer.session.Session`` on ``--base`` (default ``deltaclip-efflite0``, the ImageNet-
+pretrained offline base), the default CMKD configuration (batch of source + target images at the
+base's image size), random image tensors (the step's cost does not depend on pixel values). Three
+variants, interleaved step by step so machine drift hits all alike:
 
 - *plain*: the same step with RST switched off (``rst.apply`` does nothing): plain fine-tuning;
 - *rst*: the threshold reset after every optimiser step (the default τ);
-- *rst+budget*: the reset plus a ``--max-density 0.5 %`` budget (the global top-k), with the
+- *rst+budget*: the reset plus a 0.5 % ``max_density`` budget (the global top-k), with the
   learning rate ×1000 so that far more than 0.5 % of the weights move past τ in every step and
   the budget's top-k really runs (at the default lr, random images move almost nothing past τ
   in a few steps, and the budget would never bind).
@@ -23,33 +23,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
-from pathlib import Path
+from functools import partial
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median
-
 from adapters_store.basenames import EFFLITE0
-from adapters_store.bases import build_base
+from bench.harness import Result, add_common, base_spec, load_base, median, time_once
 from trainer.config import TrainConfig
 from trainer.model import logit_scale_of, text_embeddings, tower_kind
 from trainer.session import Session
 from trainer.transforms import image_size_of
 
 CLASSES = 10
+VARIANTS = (("plain", False, None, 1.0), ("rst", True, None, 1.0), ("rst+budget", True, 0.005, 1000.0))  # fmt: skip
 
 
-def make_session(max_density: float | None, lr_scale: float = 1.0) -> tuple[Session, int]:
-    net = build_base(*EFFLITE0)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p, base=EFFLITE0[0], reps=1)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def make_session(base: str, max_density: float | None, lr_scale: float) -> tuple[Session, int]:
+    net, _ = load_base(base)
+    model, pretrained = base_spec(base)
     size = image_size_of(net)
-    cfg = TrainConfig("src", "tgt", "bench", max_density=max_density).resolve(tower_kind(net), size)
+    cfg = TrainConfig("src", "tgt", "bench", base_model=model, base_pretrained=pretrained,
+                      max_density=max_density).resolve(tower_kind(net), size)  # fmt: skip
     cfg = dataclasses.replace(cfg, lr=float(cfg.require(cfg.lr, "lr")) * lr_scale)
-    names = [f"class {i}" for i in range(CLASSES)]
-    emb = text_embeddings(net, cfg.base_model, names, cfg.prompt_template)
+    emb = text_embeddings(net, model, [f"class {i}" for i in range(CLASSES)], cfg.prompt_template)
     return Session(cfg, net, emb, logit_scale_of(net), torch.device("cpu")), size
 
 
@@ -69,18 +74,10 @@ class Timed:
         return nnz
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+def run(args: argparse.Namespace, result: Result) -> None:
     variants: dict[str, tuple[Session, Timed]] = {}
-    for name, enabled, density, lr_scale in (("plain", False, None, 1.0), ("rst", True, None, 1.0),
-                                             ("rst+budget", True, 0.005, 1000.0)):  # fmt: skip
-        session, size = make_session(density, lr_scale)
+    for name, enabled, density, lr_scale in VARIANTS:
+        session, size = make_session(args.base, density, lr_scale)
         variants[name] = (session, Timed(session, enabled))
     gen = torch.Generator().manual_seed(1)
     b = args.batch_size
@@ -91,34 +88,21 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for i in range(args.warmup + args.steps):
         for name, (session, timed) in variants.items():
-            t = time.perf_counter()
-            session.train_step(*batch)
-            step = time.perf_counter() - t
+            step = time_once(partial(session.train_step, *batch))
             if i >= args.warmup:
                 times[name].append((step, timed.last))
         print(f"step {i + 1}/{args.warmup + args.steps}", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, samples in times.items():
         session = variants[name][0]
-        step = median([s for s, _ in samples])
-        apply = median([a for _, a in samples])
+        step, apply = median([s for s, _ in samples]), median([a for _, a in samples])
         rows.append({
             "variant": name, "step_ms": step * 1e3, "rst_apply_ms": apply * 1e3,
             "overhead": apply / (step - apply) if step > apply else None,
-            "density_after": session.rst.recount() / session.rst.eligible,
-            "lr": session.cfg.lr,
+            "density_after": session.rst.recount() / session.rst.eligible, "lr": session.cfg.lr,
         })  # fmt: skip
-    plain = rows[0]["step_ms"]
     for row in rows:
-        row["step_vs_plain"] = row["step_ms"] / plain
-    out = {"machine": machine(), "base": "/".join(EFFLITE0), "image_size": size,
-           "batch_size": b, "steps": args.steps, "eligible": variants["rst"][0].rst.eligible,
-           "rows": rows}  # fmt: skip
-    print(json.dumps(out, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+        row["step_vs_plain"] = row["step_ms"] / rows[0]["step_ms"]
+    result.data.update(image_size=size, batch_size=b, steps=args.steps,
+                       eligible=variants["rst"][0].rst.eligible, rows=rows)  # fmt: skip
+    print(json.dumps(rows, indent=1))

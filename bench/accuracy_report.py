@@ -1,0 +1,205 @@
+"""The accuracy question's report: summary, Markdown tables, verdict and plot from its results.
+
+Kept apart from the runs (bench/accuracy.py) so that ``--report-only`` redraws everything from
+a result file without touching the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+FROZEN_TAU = 1e9  # larger than any weight move: RST resets the whole tower after every step
+
+
+def _argmax(rows: list[dict[str, Any]], scores: list[float]) -> dict[str, Any]:
+    """The first row with the highest score."""
+    return rows[scores.index(max(scores))]
+
+
+def summarise(data: dict[str, Any]) -> dict[str, Any]:
+    """Per setting: means over tasks; per task: the ≤ 0.5 % RST versus full fine-tuning ratios."""
+    shifts = data["config"]["shifts"]
+    runs = data["runs"]
+    rows = []
+    for s in data["settings"]:
+        per = [runs.get(f"{shift}/{s['key']}") for shift in shifts]
+        if any(r is None for r in per):
+            continue
+        rows.append({
+            **s,
+            "test": {shift: r["test_accuracy"] for shift, r in zip(shifts, per, strict=True)},
+            "target": {shift: r["target_accuracy"] for shift, r in zip(shifts, per, strict=True)},
+            "mean_test": sum(r["test_accuracy"] for r in per) / len(per),
+            # binomial standard error of the mean held-out accuracy (test images only, one seed)
+            "se_mean_test": math.sqrt(sum(r["test_accuracy"] * (1 - r["test_accuracy"]) / r["test_images"]
+                                          for r in per)) / len(per),
+            "mean_target": sum(r["target_accuracy"] for r in per) / len(per),
+            "mean_density": sum(r["density"] for r in per) / len(per),
+            "max_density_reached": max(r["density"] for r in per),
+            "mean_stored_bytes": sum(r["stored_bytes"] for r in per) / len(per),
+            "mean_adapter_bytes": sum(r["adapter_bytes"] for r in per) / len(per),
+        })  # fmt: skip
+    by_key = {r["key"]: r for r in rows}
+    verdict: dict[str, Any] = {}
+    ft, lp = by_key.get("cmkd-ft"), by_key.get("linear-probe")
+    sparse = [r for r in rows if r["family"].startswith("CMKD+RST") and r["max_density_reached"] <= 0.005]  # fmt: skip
+    if ft and sparse:
+        for metric in ("test", "target"):
+            per_task = {}
+            for shift in shifts:
+                best = _argmax(sparse, [r[metric][shift] for r in sparse])
+                entry = {
+                    "best_setting": best["key"],
+                    "best_rst": best[metric][shift],
+                    "full_ft": ft[metric][shift],
+                    "ratio": best[metric][shift] / ft[metric][shift],
+                }
+                if lp:
+                    gain = ft[metric][shift] - lp[metric][shift]
+                    entry["linear_probe"] = lp[metric][shift]
+                    entry["gain_kept"] = (best[metric][shift] - lp[metric][shift]) / gain if gain > 0 else None  # fmt: skip
+                per_task[shift] = entry
+            fixed = _argmax(sparse, [r[f"mean_{metric}"] for r in sparse])
+            fixed_ratio = {sh: fixed[metric][sh] / ft[metric][sh] for sh in shifts}
+            mean_ratio = sum(e["ratio"] for e in per_task.values()) / len(per_task)
+            verdict[metric] = {
+                "per_task": per_task,
+                "mean_ratio_best_per_task": mean_ratio,
+                "fixed_setting": fixed["key"],
+                "fixed_setting_ratio": fixed_ratio,
+                "mean_ratio_fixed_setting": sum(fixed_ratio.values()) / len(fixed_ratio),
+                "ratio_of_means_fixed_setting": fixed[f"mean_{metric}"] / ft[f"mean_{metric}"],
+                "meets_97": mean_ratio >= 0.97,
+                # every RST setting at ≤ 0.5 %, not only the best: the ratio of mean accuracies
+                "all_settings_ratio": {
+                    r["key"]: r[f"mean_{metric}"] / ft[f"mean_{metric}"] for r in sparse
+                },
+                "linear_probe_ratio": lp[f"mean_{metric}"] / ft[f"mean_{metric}"] if lp else None,
+            }
+    return {"rows": rows, "verdict": verdict}
+
+
+def markdown_table(data: dict[str, Any], summary: dict[str, Any]) -> str:
+    shifts = data["config"]["shifts"]
+    ft = next((r for r in summary["rows"] if r["key"] == "cmkd-ft"), None)
+    head = (
+        "| setting | loss | τ | budget | density (mean over tasks) | stored bytes per task | "
+        + " | ".join(f"{s} (held-out)" for s in shifts)
+        + " | mean held-out | mean transductive | held-out vs CMKD FT |"
+    )
+    lines = [head, "|" + "---|" * (9 + len(shifts))]
+    for r in summary["rows"]:
+        tau = "frozen" if r["tau"] >= FROZEN_TAU else f"{r['tau']:g}"
+        budget = f"{r['max_density']:.2%}" if r["max_density"] is not None else "–"
+        rel = f"{r['mean_test'] / ft['mean_test']:.1%}" if ft else "–"
+        stored = f"{r['mean_stored_bytes']:,.0f}"
+        if r["tau"] == 0 and r["max_density"] is None:
+            stored += f" dense ({r['mean_adapter_bytes']:,.0f} as v1 adapter)"
+        lines.append(
+            f"| {r['label']} | {'CMKD' if r['method'] == 'cmkd' else 'source-only'} | {tau} | {budget} "
+            f"| {r['mean_density']:.4%} | {stored} | "
+            + " | ".join(f"{r['test'][s]:.1%}" for s in shifts)
+            + f" | **{r['mean_test']:.1%}** | {r['mean_target']:.1%} | {rel} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict_text(data: dict[str, Any], summary: dict[str, Any]) -> str:
+    v = summary["verdict"].get("test")
+    if not v:
+        return "(no verdict: full fine-tuning or an RST run at ≤ 0.5 % density is missing)"
+    lines = ["| task | best RST ≤ 0.5 % (setting) | CMKD full FT | ratio | linear probe | share of FT's gain over the probe kept |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for shift, e in v["per_task"].items():
+        kept = f"{e['gain_kept']:.0%}" if e.get("gain_kept") is not None else "n/a (FT ≤ probe)"
+        lines.append(
+            f"| {shift} | {e['best_rst']:.1%} ({e['best_setting']}) | {e['full_ft']:.1%} "
+            f"| {e['ratio']:.1%} | {e.get('linear_probe', float('nan')):.1%} | {kept} |"
+        )
+    t = summary["verdict"]["target"]
+    lines.append("")
+    worst = min(v["all_settings_ratio"].items(), key=lambda kv: kv[1])
+    lines.append(
+        "Every RST setting at ≤ 0.5 % density, mean held-out accuracy / CMKD FT's: "
+        + ", ".join(f"{k} {r:.1%}" for k, r in v["all_settings_ratio"].items())
+        + f" (worst: {worst[0]}, {worst[1]:.1%}); the linear probe, which changes no tower weight, "
+        f"reaches {v['linear_probe_ratio']:.1%}."
+    )
+    lines.append("")
+    lines.append(
+        f"Mean ratio, best ≤ 0.5 % RST setting per task (held-out): **{v['mean_ratio_best_per_task']:.1%}** "
+        f"→ 97 % criterion {'met' if v['meets_97'] else 'NOT met'}. One fixed setting for all tasks "
+        f"({v['fixed_setting']}): {v['mean_ratio_fixed_setting']:.1%}. Transductive: "
+        f"{t['mean_ratio_best_per_task']:.1%} (best per task), {t['mean_ratio_fixed_setting']:.1%} "
+        f"({t['fixed_setting']})."
+    )
+    return "\n".join(lines)
+
+
+COLOURS = {"linear probe": "tab:gray", "source-only FT": "tab:orange", "CMKD FT": "tab:red",
+           "ablation": "tab:purple", "CMKD+RST τ": "tab:blue", "CMKD+RST budget": "tab:green"}  # fmt: skip
+MARKERS = {"linear probe": "s", "source-only FT": "D", "CMKD FT": "*", "ablation": "P",
+           "CMKD+RST τ": "o", "CMKD+RST budget": "^"}  # fmt: skip
+
+
+def plot(data: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(10, 6.2), dpi=110)
+    seen: set[str] = set()
+    budget_i = 0
+    for r in rows:
+        fam = r["family"]
+        ax.errorbar(r["mean_stored_bytes"], 100 * r["mean_test"], yerr=100 * r["se_mean_test"],
+                    fmt="none", ecolor=COLOURS[fam], alpha=0.4, lw=1, zorder=1)  # fmt: skip
+        ax.scatter(
+            r["mean_stored_bytes"], 100 * r["mean_test"], s=140 if fam == "CMKD FT" else 60,
+            c=COLOURS[fam], marker=MARKERS[fam], label=None if fam in seen else fam, zorder=3,
+            edgecolors="black", linewidths=0.5,
+        )  # fmt: skip
+        seen.add(fam)
+        if fam == "CMKD+RST budget":  # alternately below-right and above-left of the marker
+            budget_i += 1
+            text = f"≤{r['max_density']:.2%}\n({r['mean_density']:.3%})"
+            offset = (4, -20) if budget_i % 2 else (-34, 6)
+        elif fam == "CMKD+RST τ":
+            text, offset = f"τ={r['tau']:g}\n({r['mean_density']:.3%})", (4, 4)
+        else:
+            text, offset = r["label"], (6, 4)
+        ax.annotate(text, (r["mean_stored_bytes"], 100 * r["mean_test"]), fontsize=7,
+                    xytext=offset, textcoords="offset points")  # fmt: skip
+        if r["tau"] == 0 and r["max_density"] is None:  # the same weights as a v1 adapter
+            ax.scatter(r["mean_adapter_bytes"], 100 * r["mean_test"], s=50, facecolors="none",
+                       edgecolors=COLOURS[fam], marker=MARKERS[fam], zorder=2)  # fmt: skip
+            ax.plot([r["mean_stored_bytes"], r["mean_adapter_bytes"]], [100 * r["mean_test"]] * 2,
+                    ls=":", c=COLOURS[fam], lw=0.8)  # fmt: skip
+    ft = next((r for r in rows if r["key"] == "cmkd-ft"), None)
+    if ft:
+        ax.axhline(97 * ft["mean_test"], ls="--", c="tab:red", lw=0.8,
+                   label="97 % of CMKD full fine-tuning")  # fmt: skip
+    cfg = data["config"]
+    ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.12)
+    n_test = sorted({r["test_images"] for r in data["runs"].values()})
+    ax.text(0.01, 0.01, f"bars: ±1 binomial standard error of the mean ({'/'.join(map(str, n_test))} "
+            "held-out images per task, one seed)", transform=ax.transAxes, fontsize=7, va="bottom")  # fmt: skip
+    ax.set_xlabel(
+        "stored bytes per task (log scale; hollow: a full fine-tune stored as a v1 adapter)"
+    )
+    ax.set_ylabel(f"mean held-out target accuracy over {len(cfg['shifts'])} tasks (%)")
+    ax.set_title(
+        f"deltaclip-efflite0/imagenet, Fashion-MNIST photo → {', '.join(cfg['shifts'])}; "
+        f"{cfg['steps']} steps, {cfg['image_size']} px, lr {cfg['lr']:g} (random text tower)",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
