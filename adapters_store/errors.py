@@ -123,3 +123,10 @@ class InvalidName(StoreError, ValueError):
     """A task, alias or domain name is empty, too long or has characters outside the allowed set."""
 
     code = "invalid_name"
+
+
+class UnmappedLabel(StoreError, ValueError):
+    """A class label that the base's text side cannot place (the default base: no WordNet noun
+    with ImageNet-1k classes under or near it)."""
+
+    code = "unmapped_label"
