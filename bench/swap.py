@@ -56,9 +56,6 @@ from bench.harness import (
 from bench.inplace import SubtractSwap, loop_swap, per_tensor
 from bench.lora import build_peft, lora_params_per_rank, lora_rank_for, lora_state
 
-HELP = (
-    "task-switch cost: deltaclip vs loop, subtract, dense copies, PEFT LoRA; cold load; exactness"
-)
 METHODS = ["deltaclip", "candidates", "loop", "subtract", "one_thread", "between_forwards",
            "dense", "peft"]  # fmt: skip
 
