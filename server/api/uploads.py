@@ -9,14 +9,20 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from ..errors import MissingFile, UnsupportedMediaType
+from ..images import image_format
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
 async def read_files(
-    request: Request, field: str, max_files: int
+    request: Request, field: str, max_files: int, *, sniff_images: bool = False
 ) -> tuple[list[bytes], dict[str, str]]:
-    """The bytes of every multipart part named ``field`` (or the raw body), plus text fields."""
+    """The bytes of every multipart part named ``field`` (or the raw body), plus text fields.
+
+    With ``sniff_images``, a raw body of any other content type (or none) is taken when its
+    bytes are an image (:func:`~server.images.image_format`), since clients such as ``curl
+    --data-binary`` mislabel it; any other body is still 415.
+    """
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=max_files, max_fields=32, max_part_size=64 * 1024)
@@ -34,6 +40,10 @@ async def read_files(
         return files, fields
     if content_type.startswith(RAW_TYPES):
         return [await request.body()], {}
+    if sniff_images:
+        body = await request.body()
+        if image_format(body) is not None:
+            return [body], {}
     shown = content_type.split(";")[0] or "none"
     raise UnsupportedMediaType(f"send multipart/form-data with field {field!r}, or a raw image body "
                                f"(content type was {shown!r})")  # fmt: skip

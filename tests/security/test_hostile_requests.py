@@ -209,7 +209,7 @@ MULTIPART: list[tuple[str, Callable[[], tuple[bytes, dict[str, str]]], tuple[int
     ("unterminated", lambda: (_multipart([_file_part(PNG)])[0][:-20], _multipart([])[1]), (400,)),
     ("nul-in-part-name", lambda: _multipart([_file_part(PNG, name=b"fi\x00le")]), (400,)),
     ("text-plain-body", lambda: (b"hello", {"content-type": "text/plain"}), (415,)),
-    ("no-content-type", lambda: (PNG, {}), (415,)),
+    ("no-content-type", lambda: (b"plain text, no content type", {}), (415,)),
     ("json-body", lambda: (b'{"file": "x"}', {"content-type": "application/json"}), (415,)),
 ]  # fmt: skip
 

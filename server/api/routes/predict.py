@@ -22,7 +22,7 @@ _IMAGE_BODY = upload_openapi(
 
 def _image_reader(request: Request, max_images: int) -> ReadImages:
     async def read() -> list[bytes]:
-        files, _ = await read_files(request, "file", max_images)
+        files, _ = await read_files(request, "file", max_images, sniff_images=True)
         return files
 
     return read
