@@ -1,7 +1,7 @@
 """``deltaclip`` command line: catalog, base and adapter commands.
 
-Commands of the other packages (``train``, ``eval``, ``serve``, ...) plug in through the
-``deltaclip.commands`` entry-point group, so this contract package never imports them.
+Other packages' commands plug in by entry point (``deltaclip.commands``: ``train``, ``serve``...;
+``deltaclip.adapter_commands``: ``adapters import-finetune``), so this one never imports them.
 Every failure prints ``deltaclip: error: <what went wrong>`` and exits non-zero (1 for errors
 in the operation, 2 for bad usage).
 """
@@ -350,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     _store_flags(p)
     p.set_defaults(func=cmd_adapters_fsck)
 
-    for ep in entry_points(group="deltaclip.commands"):
-        ep.load()(sub)
+    for group, parent in (("deltaclip.adapter_commands", ad), ("deltaclip.commands", sub)):
+        for ep in entry_points(group=group):
+            ep.load()(parent)
+
     return parser
 
 

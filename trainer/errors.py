@@ -17,3 +17,17 @@ class DataError(TrainError):
 
 class ExactnessError(TrainError):
     """The adapter built from the trained tower does not merge back to it bit for bit."""
+
+
+class CheckpointRefused(TrainError):
+    """A fine-tune (or head file) to import cannot be used: unsafe, unreadable, or not this base's."""
+
+
+# How many offending keys an error message lists before "...".
+SHOWN_KEYS = 8
+
+
+def listed(keys: list[str]) -> str:
+    """Up to ``SHOWN_KEYS`` of ``keys``, sorted and comma-separated, with the count when cut."""
+    shown = ", ".join(sorted(keys)[:SHOWN_KEYS])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > SHOWN_KEYS else "")
