@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-deps lint venv clean
 
 venv: $(STAMP)
 
@@ -16,16 +16,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# The demo's real images come from Debian's dataset-fashion-mnist; install it when we can.
-FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Debian packages, installed when missing and we can (root with apt-get); otherwise named, and
+# the run goes on. The demo's real images come from dataset-fashion-mnist. The tests also drive
+# the catalog page in Chromium (chromium, chromium-driver), route replicas through nginx, check
+# docker-compose.yml with docker-compose, and compare the shipped WordNet table with wordnet-base.
+DEMO_DEBS := dataset-fashion-mnist
+TEST_DEBS := $(DEMO_DEBS) chromium chromium-driver nginx docker-compose wordnet-base
+define install_debs
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \
+	  grep -q 'install ok installed' || echo $$p; done); missing=$$(echo $$missing); \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "missing Debian packages (install them as root): $$missing"; fi
+endef
 
 demo: $(STAMP)
-	@test -f $(FASHION) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  echo "installing Debian's dataset-fashion-mnist for the demo's images" && \
-	  apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || true
+	$(call install_debs,$(DEMO_DEBS))
 	$(BIN)/deltaclip demo
 
-test: $(STAMP)
+test-deps:
+	$(call install_debs,$(TEST_DEBS))
+
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

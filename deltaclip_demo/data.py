@@ -2,8 +2,9 @@
 
 Source of the images, in order of preference (the caller is told which one was used):
 1. Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``);
-2. a download of the same four IDX files from the Fashion-MNIST project into the data folder;
-3. scikit-learn's bundled 8×8 digits, if scikit-learn is installed.
+2. a download of the same four IDX files from the Fashion-MNIST project into the data folder.
+
+With neither, the demo stops and says how to get the images.
 
 Target domains are deterministic image transforms of *other* images of the same classes:
 ``sketch`` (an edge map, dark lines on white), ``negative`` (inverted) and ``faded`` (low
@@ -93,21 +94,13 @@ def load_images(split: str, cache_dir: Path) -> ImageSet:
                 urllib.request.urlretrieve(DOWNLOAD_URL + name, cached / f".{name}.part")
                 (cached / f".{name}.part").rename(cached / name)
         return _fashion_from(cached, split, f"Fashion-MNIST downloaded to {cached}")
-    except OSError:
-        pass
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise RuntimeError(
-            "no image source: install Debian's dataset-fashion-mnist (apt install dataset-fashion-mnist), "
-            "allow the download, or install scikit-learn"
+    except OSError as exc:
+        raise OSError(
+            f"no Fashion-MNIST images: {DEBIAN_DIR} is missing and the download into {cached} "
+            f"failed ({exc}); install Debian's dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist, which `make demo` does as root) or allow "
+            "the download"
         ) from None
-    digits = load_digits()
-    half = len(digits.images) // 2
-    part = slice(0, half) if split == "train" else slice(half, None)
-    images = (digits.images[part] * (255 / 16)).astype(np.uint8)
-    return ImageSet(images, digits.target[part].astype(np.int64), [f"digit_{i}" for i in range(10)],
-                    "scikit-learn's digits (8×8)")  # fmt: skip
 
 
 def _pick(labels: np.ndarray, per_class: int, rng: np.random.Generator, classes: int) -> np.ndarray:
