@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidTaskState, ParameterNotFound
-from .format.schema import RESIDUAL_DTYPE_NAMES, AdapterMeta, head_meta
+from .format.schema import BLOCK_SIZES, RESIDUAL_DTYPE_NAMES, AdapterMeta, head_meta
 
 RESIDUAL_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in RESIDUAL_DTYPE_NAMES
@@ -36,14 +36,37 @@ def index_dtype_for(numel: int) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Residual:
-    """Changed positions of one parameter: strictly increasing flat indices and their deltas."""
+    """Changed positions of one parameter and their deltas, in one of the format's two forms.
+
+    Unstructured (``block_size == 1``): ``indices`` are strictly increasing flat positions and
+    ``values`` is 1-D, one delta per position. Block form (``block_size = B > 1``): ``indices``
+    are strictly increasing *block ids* (block ``k`` is flat positions ``k·B … k·B + B − 1``)
+    and ``values`` is ``[n_blocks, B]``; a tail block past the parameter's end carries zeros
+    there. Blocks exist so that a served adapter moves whole cache lines (docs/FORMAT.md).
+    """
 
     indices: torch.Tensor
     values: torch.Tensor
+    block_size: int = 1
 
     @property
     def nnz(self) -> int:
-        return int(self.indices.numel())
+        """Stored values: changed weights, or ``n_blocks × B`` for the block form."""
+        return int(self.values.numel())
+
+    def positions(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat positions int64, deltas)`` inside a parameter of ``numel`` elements.
+
+        The block form expands to every position of every block, minus a tail block's positions
+        past the end; the unstructured form is returned as stored.
+        """
+        idx = self.indices.to(torch.int64)
+        if self.block_size == 1:
+            return idx, self.values
+        b = self.block_size
+        pos = (idx[:, None] * b + torch.arange(b, device=idx.device)).reshape(-1)
+        inside = pos < numel
+        return pos[inside], self.values.reshape(-1)[inside]
 
 
 @dataclass
@@ -56,6 +79,11 @@ class Adapter:
     def change_counts(self) -> dict[str, int]:
         """Changed weights per base parameter, in key order."""
         return {name: r.nnz for name, r in sorted(self.residual.items())}
+
+    @property
+    def block_size(self) -> int:
+        """The residual's block size (1: unstructured); a file holds one form only."""
+        return next((r.block_size for r in self.residual.values()), 1)
 
 
 def utc_now_iso() -> str:
@@ -75,6 +103,7 @@ def build_adapter(
     eligible: Mapping[str, torch.Tensor] | None = None,
     mask: Mapping[str, torch.Tensor] | None = None,
     residual_dtype: torch.dtype = torch.float32,
+    block_size: int = 1,
     class_embeddings: torch.Tensor | None = None,
     source_domain: str = "",
     target_domain: str = "",
@@ -92,6 +121,9 @@ def build_adapter(
             total size is recorded as ``eligible_params``.
         mask: optional boolean tensors per key restricting which positions may be stored.
         residual_dtype: float32 (exact for typical fine-tunes), bfloat16 or float16.
+        block_size: 1 for the unstructured residual, else ``B`` in ``BLOCK_SIZES``: every block
+            of ``B`` consecutive flat positions holding a change is stored whole, its unchanged
+            positions as ``-0.0`` (adding ``-0.0`` is the identity, even for a ``-0.0`` weight).
 
     The delta is computed in float64 then rounded to ``residual_dtype``; positions whose delta
     rounds to zero are dropped, so ``nnz`` counts weights that really change. In float32 the
@@ -104,6 +136,8 @@ def build_adapter(
         raise InvalidTaskState(
             f"residual dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {residual_dtype}"
         )
+    if block_size != 1 and block_size not in BLOCK_SIZES:
+        raise InvalidTaskState(f"block size must be 1 or one of {BLOCK_SIZES}, got {block_size}")
     eligible_keys = list(eligible) if eligible is not None else list(task_state)
     eligible_count = sum(int(base_state[k].numel()) for k in eligible_keys)
     residual: dict[str, Residual] = {}
@@ -124,18 +158,15 @@ def build_adapter(
         changed = flat_task != flat_base
         if mask is not None and key in mask:
             changed &= mask[key].reshape(-1).cpu().bool()
-        idx = changed.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if not bool(changed.any()):
             continue
         if key not in eligible_keys:
             raise InvalidTaskState(f"{key} changed but is not an eligible parameter")
-        delta = (flat_task[idx].double() - flat_base[idx].double()).to(residual_dtype)
-        if not torch.isfinite(delta).all():
+        res = _residual_of(flat_base, flat_task, changed, residual_dtype, block_size)
+        if not torch.isfinite(res.values).all():
             raise InvalidTaskState(f"{key}: the residual is not finite")
-        keep = delta != 0
-        idx, delta = idx[keep], delta[keep]
-        if idx.numel():
-            residual[key] = Residual(idx.to(index_dtype_for(flat_base.numel())), delta.contiguous())
+        if res.nnz:
+            residual[key] = res
     nnz = sum(r.nnz for r in residual.values())
     dim = int(head_state["fc.weight"].shape[1])
     meta = AdapterMeta(
@@ -165,12 +196,39 @@ def build_adapter(
     return Adapter(meta=meta, residual=residual, head=head, class_embeddings=emb)
 
 
+def _residual_of(
+    flat_base: torch.Tensor,
+    flat_task: torch.Tensor,
+    changed: torch.Tensor,
+    dtype: torch.dtype,
+    block_size: int,
+) -> Residual:
+    """The residual of one flat parameter at ``changed``; deltas that round to 0 are not changes."""
+    numel = flat_base.numel()
+    if block_size == 1:
+        idx = changed.nonzero().squeeze(1)
+        delta = (flat_task[idx].double() - flat_base[idx].double()).to(dtype)
+        keep = delta != 0
+        return Residual(idx[keep].to(index_dtype_for(numel)), delta[keep].contiguous())
+    b = block_size
+    pad = -numel % b
+    delta = (flat_task.double() - flat_base.double()).to(dtype)
+    delta = torch.where(changed, delta, torch.zeros_like(delta))
+    delta = torch.cat([delta, torch.zeros(pad, dtype=dtype)]).view(-1, b)
+    blocks = (delta != 0).any(1).nonzero().squeeze(1)
+    values = delta[blocks]
+    values = torch.where(values == 0, torch.full_like(values, -0.0), values)
+    n_blocks = numel // b + (pad > 0)
+    return Residual(blocks.to(index_dtype_for(n_blocks)), values.contiguous(), block_size=b)
+
+
 def merge_tensor(base: torch.Tensor, residual: Residual) -> torch.Tensor:
     """A copy of ``base`` with the residual applied by the format's definition."""
     out = base.detach().clone()
     flat = out.view(-1)
-    idx = residual.indices.to(device=flat.device, dtype=torch.int64)
-    flat[idx] = (flat[idx].float() + residual.values.to(flat.device).float()).to(flat.dtype)
+    pos, values = residual.positions(flat.numel())
+    idx = pos.to(device=flat.device)
+    flat[idx] = (flat[idx].float() + values.to(flat.device).float()).to(flat.dtype)
     return out
 
 

@@ -23,8 +23,13 @@ from ..errors import AdapterTooLarge, IncompatibleBase
 from ..head import head_shapes
 from ..names import PARAM_RE
 from .framing import DEFAULT_LIMITS, Limits, bad, canonical, check_header, show
-from .residual_checks import check_finite, check_index_layout, check_residual
-from .schema import HEAD_TYPE, decode_meta, encode_meta
+from .residual_checks import (
+    check_blocks_against_base,
+    check_finite,
+    check_index_layout,
+    check_residual,
+)
+from .schema import BLOCK_SIZES, HEAD_TYPE, decode_meta, encode_meta
 
 RULES = (
     "not-safetensors",  # not a well-formed safetensors file (length, header, offsets, trailing bytes)
@@ -39,7 +44,9 @@ RULES = (
     "indices-duplicate",
     "indices-range",  # an index >= numel of the base parameter
     "values-dtype",  # values not the declared residual dtype
-    "values-length",  # values not 1-D or not as long as the indices
+    "values-length",  # values not 1-D or not as long as the indices ([n_blocks, B] for blocks)
+    "block-size",  # a block size outside BLOCK_SIZES, or two forms/sizes of residual in one file
+    "blocks-tail",  # a non-zero value in a tail block past the end of its parameter
     "values-finite",  # NaN or Inf in values, head or embeddings
     "head-shape",  # head tensors or class embeddings disagree with class_names / embedding size
     "unknown-parameter",  # a residual for a parameter the base's image tower lacks
@@ -51,7 +58,8 @@ def encode_adapter(adapter: Adapter) -> bytes:
     """The v1 file bytes for ``adapter`` (deterministic for equal inputs)."""
     tensors: dict[str, torch.Tensor] = {}
     for key, res in sorted(adapter.residual.items()):
-        tensors[f"residual/{key}/indices"] = res.indices.contiguous()
+        form = "indices" if res.block_size == 1 else "blocks"
+        tensors[f"residual/{key}/{form}"] = res.indices.contiguous()
         tensors[f"residual/{key}/values"] = res.values.contiguous()
     for key, value in sorted(adapter.head.items()):
         tensors[f"head/{key}"] = value.contiguous()
@@ -95,12 +103,12 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
             parts = name.split("/")
             if (
                 len(parts) != 3
-                or parts[2] not in ("indices", "values")
+                or parts[2] not in ("indices", "blocks", "values")
                 or not PARAM_RE.fullmatch(parts[1])
             ):
                 raise bad(
                     "tensor-name",
-                    f"tensor name {show(name)} is not residual/<param>/indices|values",
+                    f"tensor name {show(name)} is not residual/<param>/indices|values (or blocks)",
                 )
             residual_names.setdefault(parts[1], set()).add(parts[2])
         elif name.startswith("head/"):
@@ -118,20 +126,25 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
     value_dtype = RESIDUAL_DTYPES[meta.residual_dtype]
     residual: dict[str, Residual] = {}
     for key, kinds in sorted(residual_names.items()):
-        if kinds != {"indices", "values"}:
+        if kinds not in ({"indices", "values"}, {"blocks", "values"}):
             raise bad(
-                "residual-pair", f"{key}: has {sorted(kinds)} but needs both indices and values"
+                "residual-pair",
+                f"{key}: has {sorted(kinds)} but needs both values and its indices (or blocks)",
             )
-        idx, val = tensors[f"residual/{key}/indices"], tensors[f"residual/{key}/values"]
-        check_index_layout(key, idx)
+        form = "indices" if "indices" in kinds else "blocks"
+        idx, val = tensors[f"residual/{key}/{form}"], tensors[f"residual/{key}/values"]
+        check_index_layout(key, idx, form)
         if val.dtype != value_dtype:
             raise bad(
                 "values-dtype",
                 f"{key}: values are {dtype_name(val.dtype)}, metadata says {meta.residual_dtype}",
             )
-        if val.dim() != 1 or val.numel() != idx.numel():
-            raise bad("values-length", f"{key}: {val.numel()} values for {idx.numel()} indices")
-        residual[key] = Residual(idx, val)
+        residual[key] = _residual(key, form, idx, val)
+    sizes = {r.block_size for r in residual.values()}
+    if len(sizes) > 1:
+        raise bad(
+            "block-size", f"one file holds one form of residual, got block sizes {sorted(sizes)}"
+        )
     check_residual(residual)
     total = sum(r.nnz for r in residual.values())
     if total != meta.nnz:
@@ -162,6 +175,22 @@ def decode_adapter(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Adapter:
             )
         check_finite("text/class_embeddings", emb)
     return Adapter(meta=meta, residual=residual, head=head, class_embeddings=emb)
+
+
+def _residual(key: str, form: str, idx: torch.Tensor, val: torch.Tensor) -> Residual:
+    """One parameter's residual in its form, once its values' shape fits its indices or blocks."""
+    if form == "indices":
+        if val.dim() != 1 or val.numel() != idx.numel():
+            raise bad("values-length", f"{key}: {val.numel()} values for {idx.numel()} indices")
+        return Residual(idx, val)
+    if val.dim() != 2 or val.shape[0] != idx.numel():
+        raise bad(
+            "values-length",
+            f"{key}: values {tuple(val.shape)} for {idx.numel()} blocks, expected [n_blocks, B]",
+        )
+    if val.shape[1] not in BLOCK_SIZES:
+        raise bad("block-size", f"{key}: block size {val.shape[1]} is not one of {BLOCK_SIZES}")
+    return Residual(idx, val, block_size=int(val.shape[1]))
 
 
 def read_adapter(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> Adapter:
@@ -199,6 +228,9 @@ def check_against_base(
                 f"residual for {show(key)}, which is not a parameter of the base's image tower",
             )
         numel = base.numel(key)
+        if res.block_size > 1:
+            check_blocks_against_base(key, res, numel)
+            continue
         if res.indices.dtype == torch.int64 and numel < INT32_LIMIT:
             raise bad(
                 "indices-dtype",

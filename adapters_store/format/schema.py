@@ -30,6 +30,10 @@ FORMAT = "deltaclip.adapter"
 FORMAT_VERSION = "1"
 HEAD_TYPE = "bn-ln-linear"
 RESIDUAL_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# The block form's sizes B (residual/<P>/blocks + values [n_blocks, B]; docs/FORMAT.md): powers of
+# two whose blocks, in float32 or narrower, fit a 64-byte cache line, so a server that aligns its
+# parameters to 64 bytes moves each block as one item. A file's B is its values' second dimension.
+BLOCK_SIZES = (2, 4, 8, 16)
 SPEC = "deltaclip.meta"  # the key of a field's :class:`MetaField` in its dataclass metadata
 DOC = "doc"  # the key of a field's description (record fields outside the schema use it too)
 

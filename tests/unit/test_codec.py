@@ -390,6 +390,28 @@ def _meta(ctx: Ctx, **changes: Any) -> Adapter:
     return dataclasses.replace(ctx.adapter, meta=dataclasses.replace(ctx.adapter.meta, **changes))
 
 
+def _block_adapter(ctx: Ctx) -> tuple[Adapter, str]:
+    """A B = 4 block adapter of the tiny base and its parameter with the most blocks."""
+    adapter = random_adapter(ctx.net, ctx.sig, "b", density=0.05, seed=3, block_size=4)
+    return adapter, max(adapter.residual, key=lambda k: adapter.residual[k].indices.numel())
+
+
+def _block_of_three(ctx: Ctx) -> bytes:
+    adapter, key = _block_adapter(ctx)
+    tensors = dict(st_load(encode_adapter(adapter)))
+    tensors[f"residual/{key}/values"] = tensors[f"residual/{key}/values"][:, :3].contiguous()
+    return st_save(tensors, metadata=_header(encode_adapter(adapter))["__metadata__"])
+
+
+def _tail_past_end(ctx: Ctx) -> Attempt:
+    """The base's parameter ends one position into the adapter's last (full) block of it."""
+    adapter, key = _block_adapter(ctx)
+    shapes = {**ctx.sig.param_shapes, key: (int(adapter.residual[key].indices[-1]) * 4 + 1,)}
+    sig = dataclasses.replace(ctx.sig, param_shapes=shapes)
+    meta = dataclasses.replace(adapter.meta, eligible_params=sig.eligible_params)
+    return lambda: check_against_base(dataclasses.replace(adapter, meta=meta), sig)
+
+
 def _deep_json(depth: int) -> bytes:
     return b'{"__metadata__": ' + b"[" * depth + b"]" * depth + b"}"
 
@@ -549,6 +571,9 @@ CASES: list[Case] = [
              c.adapter, class_embeddings=torch.zeros(5, c.sig.embed_dim + 1))))),
     Case("head-shape", "dim-differs-from-base", "embedding size",
          lambda c: _check(c, _head_dim_16(c))),
+    # --- the block form (every block rule: tests/unit/test_codec_blocks.py)
+    Case("block-size", "block-of-three", "block size 3", lambda c: _decode(_block_of_three(c))),
+    Case("blocks-tail", "value-past-the-end", "past the parameter's end", _tail_past_end),
     # --- base-dependent
     Case("unknown-parameter", "visual.nope.weight", "visual.nope.weight",
          lambda c: _check(c, _unknown_parameter(c))),
