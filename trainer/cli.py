@@ -73,6 +73,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--max-density", type=float, help="keep at most this fraction of weights changed"
     )
+    r.add_argument(
+        "--block-size",
+        type=int,
+        default=d.block_size,
+        help="change weights in blocks of B consecutive elements (1, 2, 4, 8, 16; default 1)",
+    )
     r.add_argument("--residual-dtype", choices=RESIDUAL_DTYPES, default=d.residual_dtype)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs)
@@ -120,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions,
         source_domain=args.source_domain, target_domain=args.target_domain,
         base_model=settings.base_model, base_pretrained=settings.base_pretrained,
         method=args.method, fixmatch=args.fixmatch, tau=args.tau, max_density=args.max_density,
+        block_size=args.block_size,
         epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr,
         head_lr_mult=args.head_lr_mult, label_smoothing=args.label_smoothing,
         lambda1=args.lambda1, lambda2=args.lambda2, lambda3=args.lambda3,

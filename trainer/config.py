@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters_store.format.schema import BLOCK_SIZES
+
 from .errors import TrainError
 
 METHODS = ("cmkd", "source-only")
@@ -67,6 +69,7 @@ class TrainConfig:
     fixmatch: bool = False
     tau: float | None = None
     max_density: float | None = None
+    block_size: int = 1  # RST in blocks of B consecutive weights (1: the paper's RST)
     epochs: int = 20
     iters_per_epoch: int = 500
     batch_size: int = 32
@@ -154,6 +157,9 @@ class TrainConfig:
             problems.append(f"tau must be >= 0, got {self.tau}")
         if self.max_density is not None and not 0 < self.max_density <= 1:
             problems.append(f"max density must be in (0, 1], got {self.max_density}")
+        if self.block_size != 1 and self.block_size not in BLOCK_SIZES:
+            sizes = ", ".join(map(str, (1, *BLOCK_SIZES)))
+            problems.append(f"block size must be one of {sizes}, got {self.block_size}")
         for name in ("epochs", "iters_per_epoch", "batch_size", "ramp_iters"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")

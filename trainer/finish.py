@@ -80,6 +80,7 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         session.tower_state(),
         signature=run.signature,
         residual_dtype=cfg.residual_dtype,
+        block_size=cfg.block_size,
         task=cfg.task,
         class_names=plan.class_names,
         head_state=session.head_state(),

@@ -42,7 +42,8 @@ class Session:
         head = TaskHead(int(class_embeddings.shape[1]), int(class_embeddings.shape[0]))
         self.model = CMKDModel(net, head, TextHead(class_embeddings, logit_scale)).to(device)
         self.tower = tower_parameters(net)
-        self.rst = ResidualSparsity(self.tower, float(cfg.require(cfg.tau, "tau")), cfg.max_density)
+        tau = float(cfg.require(cfg.tau, "tau"))
+        self.rst = ResidualSparsity(self.tower, tau, cfg.max_density, cfg.block_size)
         lr = float(cfg.require(cfg.lr, "lr"))
         mult = float(cfg.require(cfg.head_lr_mult, "head_lr_mult"))
         self.optimizer = torch.optim.SGD(

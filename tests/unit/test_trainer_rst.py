@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
+from adapters_store.adapter import build_adapter
 from adapters_store.bases import tower_parameters
-from trainer.rst import ResidualSparsity, enforce_budget, threshold_reset
+from adapters_store.head import TaskHead
+from trainer.rst import ResidualSparsity, enforce_block_budget, enforce_budget, threshold_reset
 
 
 def _tiny_step(
@@ -107,3 +110,76 @@ def test_threshold_is_on_the_absolute_change_from_the_base() -> None:
     w = nn.Parameter(torch.tensor([1.0 + 2e-6, -1.0 - 2e-6, 0.5 + 5e-7, -5e-6]))
     assert threshold_reset({"w": w}, base, 1e-6) == 3
     assert torch.equal(w.detach(), torch.tensor([1.0 + 2e-6, -1.0 - 2e-6, 0.5, -5e-6]))
+
+
+# ------------------------------------------------------------------------ block-structured RST
+
+
+def test_a_block_resets_only_when_every_weight_in_it_stayed_within_tau() -> None:
+    base = {"w": torch.zeros(10)}  # blocks of 4: [0:4], [4:8], tail [8:10]
+    w = nn.Parameter(torch.tensor([0.0, 5e-7, 2e-6, 0.0, 5e-7, -5e-7, 0.0, 1e-7, 0.0, -3e-6]))
+    assert threshold_reset({"w": w}, base, 1e-6, block_size=4) == 8  # two blocks of 4 stored
+    want = torch.tensor([0.0, 5e-7, 2e-6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3e-6])
+    assert torch.equal(w.detach(), want), "block 0 and the tail keep every weight, block 1 resets"
+
+
+def test_block_budget_keeps_the_blocks_with_the_largest_norm() -> None:
+    base = {"a": torch.zeros(8), "b": torch.zeros(6)}  # b: one full block and a tail of 2
+    params = {
+        "a": nn.Parameter(torch.tensor([0.3, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2, 0.2])),  # 0.3, 0.4
+        "b": nn.Parameter(torch.tensor([0.1, 0.1, 0.1, 0.0, 0.5, 0.0])),  # ≈0.17, tail 0.5
+    }
+    kept = enforce_block_budget(params, base, max_blocks=2, block_size=4)
+    assert kept == 8
+    assert torch.equal(params["a"].detach(), torch.tensor([0.0] * 4 + [0.2] * 4))
+    assert torch.equal(params["b"].detach(), torch.tensor([0.0] * 4 + [0.5, 0.0]))
+
+
+def test_block_budget_breaks_ties_by_position() -> None:
+    base = {"a": torch.zeros(8)}
+    params = {"a": nn.Parameter(torch.tensor([0.0, 0.2, 0.0, 0.0, 0.0, 0.0, -0.2, 0.0]))}
+    enforce_block_budget(params, base, max_blocks=1, block_size=4)
+    assert torch.equal(params["a"].detach(), torch.tensor([0.0, 0.2] + [0.0] * 6))
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_block_rst_step_changes_whole_blocks_within_the_budget(tiny, block_size: int) -> None:  # type: ignore[no-untyped-def]
+    d = 0.01
+    torch.manual_seed(0)
+    net = copy.deepcopy(tiny[0])
+    params = tower_parameters(net)
+    rst = ResidualSparsity(params, 0.0, d, block_size=block_size)
+    opt = torch.optim.SGD(params.values(), lr=1e-4, momentum=0.9)
+    net.visual(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    opt.step()
+    before = {k: p.detach().clone() for k, p in params.items()}
+    nnz = rst.apply()
+    assert nnz == rst.recount() == int(d * rst.eligible) // block_size * block_size
+    for key, p in params.items():
+        w0, flat = rst.base[key].reshape(-1), p.detach().reshape(-1)
+        pad = -flat.numel() % block_size
+        differs = torch.cat([flat != w0, torch.zeros(pad, dtype=torch.bool)]).view(-1, block_size)
+        kept = differs.any(1).repeat_interleave(block_size)[: flat.numel()]
+        # a kept block keeps every trained weight; everything else is exactly W0
+        assert torch.equal(flat[kept], before[key].reshape(-1)[kept]), key
+        assert torch.equal(flat[~kept], w0[~kept]), key
+    # the adapter of this tower stores exactly these blocks: nnz agrees with the trainer's count
+    state = {k: p.detach().clone() for k, p in params.items()}
+    adapter = build_adapter(
+        rst.base, state, task="b", base_model="m", base_pretrained="p", base_fingerprint="a" * 64,
+        class_names=["x"], head_state=TaskHead(8, 1).state_dict(), block_size=block_size,
+    )  # fmt: skip
+    assert adapter.meta.nnz == nnz and adapter.block_size == block_size
+
+
+def test_block_size_one_is_the_papers_rst(tiny) -> None:  # type: ignore[no-untyped-def]
+    one, _, _ = _tiny_step(copy.deepcopy(tiny[0]), 1e-6, 0.01)
+    torch.manual_seed(0)
+    net = copy.deepcopy(tiny[0])
+    params = tower_parameters(net)
+    rst = ResidualSparsity(params, 1e-6, 0.01, block_size=1)
+    opt = torch.optim.SGD(params.values(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    net.visual(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    opt.step()
+    assert rst.apply() == one.nnz
+    assert all(torch.equal(p, one.params[k]) for k, p in params.items())
