@@ -164,8 +164,8 @@ def cmd_adapters_register(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
     reg = _registry(args)
-    _, sig = _base(args)
-    result = reg.register(path.read_bytes(), sig, alias=args.alias)
+    net, sig = _base(args)  # the weights: base + residual must merge to finite weights
+    result = reg.register(path.read_bytes(), sig, alias=args.alias, weights=net.state_dict())
     rec = result.record
     what = "registered" if result.created else "already registered"
     if args.json:

@@ -10,6 +10,7 @@ grace period (so a concurrent re-registration of the same bytes can never lose i
 from __future__ import annotations
 
 import builtins
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .format.codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
 from .format.schema import META_FIELDS, AdapterMeta, Kind, catalog_values, head_meta
+from .format.servable import BaseWeights, check_servable
 from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
 from .names import check_name
 from .records import AdapterRecord, FsckReport, Page, Registration, iso_utc
@@ -102,8 +104,10 @@ class Registry:
 
     # ------------------------------------------------------------------------------ registration
 
-    def register(self, data: bytes, base: BaseSignature, alias: str | None = None) -> Registration:
+    def register(self, data: bytes, base: BaseSignature, alias: str | None = None, *,
+                 weights: BaseWeights | Mapping[str, torch.Tensor] | None = None) -> Registration:  # fmt: skip
         """Validate ``data`` against ``base``, store it, catalogue it; idempotent for equal bytes.
+        ``weights`` (the base's; the server and the CLI pass them) adds ``merged-finite``.
 
         Raises:
             InvalidAdapter: the file breaks a format rule (``rule`` says which).
@@ -116,6 +120,7 @@ class Registry:
         if existing is None:
             adapter = decode_adapter(data, self.limits)
             check_against_base(adapter, base, self.limits)
+            check_servable(adapter, base, weights)
             _check_catalog_text(adapter.meta)
             self.blobs.put(data, digest)
             try:
@@ -347,11 +352,14 @@ class Registry:
         """The adapter file, verified against its digest (:class:`ChecksumMismatch` if corrupted)."""
         return self.blobs.get(record.digest)
 
-    def load(self, record: AdapterRecord, base: BaseSignature | None = None) -> Any:
-        """Read, verify and decode an adapter; check it against ``base`` when given."""
+    def load(self, record: AdapterRecord, base: BaseSignature | None = None,
+             weights: BaseWeights | None = None) -> Any:  # fmt: skip
+        """Read, verify and decode an adapter; check it against ``base`` when given, with the
+        registration's servability checks too (the store may hold files from before them)."""
         adapter = decode_adapter(self.read_bytes(record), self.limits)
         if base is not None:
             check_against_base(adapter, base, self.limits)
+            check_servable(adapter, base, weights)
         return adapter
 
     def referenced_digests(self) -> set[str]:

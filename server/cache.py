@@ -16,6 +16,8 @@ import threading
 import time
 from collections import OrderedDict
 
+import torch
+
 from adapters_store.records import AdapterRecord
 from adapters_store.registry import Registry
 
@@ -23,9 +25,22 @@ from .engine import Engine, PreparedAdapter
 from .metrics import Metrics
 
 
+class ServingWeights:
+    """The serving base's weights as the servability checks read them: the patcher's pristine
+    host copy (the weights as served, never the live, possibly patched ones; thread-safe)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.patcher = engine.patcher
+
+    def base_values(self, key: str, indices: torch.Tensor) -> torch.Tensor:
+        dtype, start, _ = self.patcher.offsets[key]
+        return self.patcher.pristine[dtype].index_select(0, indices.to(torch.int64) + start)
+
+
 class AdapterLoader:
     """Store → prepared adapter: read and checksum-verify the blob, decode it within the
-    registry's limits, check it against the serving base's signature, prepare it for the engine.
+    registry's limits, check it against the serving base's signature and weights (the same
+    servability checks as registration: the store may hold files from before them), prepare it.
 
     Thread-safe: it only reads the store and the engine's pristine host copy of the base.
     """
@@ -33,9 +48,10 @@ class AdapterLoader:
     def __init__(self, registry: Registry, engine: Engine) -> None:
         self.registry = registry
         self.engine = engine
+        self.weights = ServingWeights(engine)
 
     def __call__(self, record: AdapterRecord) -> PreparedAdapter:
-        adapter = self.registry.load(record, self.engine.signature)
+        adapter = self.registry.load(record, self.engine.signature, self.weights)
         return self.engine.prepare(record, adapter)
 
 
@@ -54,6 +70,11 @@ class AdapterCache:
             max_workers=workers, thread_name_prefix="adapter-load"
         )
         self.bytes = 0
+
+    @property
+    def weights(self) -> ServingWeights:
+        """The serving base's weights, for registration's checks (the loader applies the same)."""
+        return self._loader.weights
 
     def __contains__(self, digest: str) -> bool:
         with self._lock:

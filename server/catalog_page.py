@@ -98,9 +98,14 @@ def layer_chart(rows: list[tuple[str, int, int | None]]) -> LayerChart:
 
 
 def _accuracy(metrics: Mapping[str, Any]) -> str:
+    """The adapter's accuracy as text; "–" for anything that is not a sane number. Registration
+    refuses such values, but a store can hold rows from before, and one row must never break
+    the page for everyone (a 4,000-digit integer does not even convert to a float)."""
     for key in ("target_accuracy", "target_acc", "accuracy", "acc"):
-        value = metrics.get(key)
-        if isinstance(value, int | float):
+        value = metrics.get(key) if isinstance(metrics, Mapping) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not -1e6 < value < 1e6 or value != value:  # huge, infinite or NaN
+                return "–"
             return f"{value:.1%}" if value <= 1 else f"{value:.1f}%"
     return "–"
 
