@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "--base-model", EFFLITE0[0], "--base-pretrained", EFFLITE0[1], "--home", str(home),
                 "--image-size", str(args.image_size), "--epochs", "1", "--iters", str(args.steps),
                 "--batch-size", str(BATCH), "--lr", str(args.lr), "--head-lr-mult", str(args.head_lr_mult),
-                "--alias", "production", "--restart"]  # fmt: skip
+                "--block-size", str(args.block_size), "--alias", "production", "--restart"]  # fmt: skip
         if settings.database_url:
             argv += ["--database-url", settings.database_url]
         print(f"      {task}: {args.steps} steps")
@@ -222,6 +222,12 @@ def register(sub: Any) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-5, help="image-tower learning rate")
     p.add_argument("--head-lr-mult", type=float, default=100.0)
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=1,
+        help="RST in blocks of B consecutive weights (1, 2, 4, 8, 16; default 1)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--no-wait", action="store_true", help="stop the server and exit after the checks"

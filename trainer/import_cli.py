@@ -50,6 +50,12 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt-template", default="a photo of a {name}.", help="zero-shot prompts")
     p.add_argument("--residual-dtype", choices=RESIDUAL_DTYPES, default="float32")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=1,
+        help="keep weights in blocks of B consecutive elements (1, 2, 4, 8, 16; default 1)",
+    )
     p.add_argument("--source-domain", default="", help="catalogued source domain")
     p.add_argument("--target-domain", default="", help="catalogued target domain")
     p.add_argument(
@@ -141,7 +147,8 @@ def run_import(args: argparse.Namespace) -> dict[str, Any]:
     request = ImportRequest(
         checkpoint=args.checkpoint, task=args.task, class_names=class_names_of(args),
         density=args.density, head_file=args.head, template=args.prompt_template,
-        residual_dtype=args.residual_dtype, source_domain=args.source_domain,
+        residual_dtype=args.residual_dtype, block_size=args.block_size,
+        source_domain=args.source_domain,
         target_domain=args.target_domain, created_at=args.created_at,
     )  # fmt: skip
     net = build_base(settings.base_model, settings.base_pretrained)

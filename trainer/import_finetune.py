@@ -29,13 +29,14 @@ from torch import nn
 
 from adapters_store.adapter import Adapter, utc_now_iso
 from adapters_store.bases import BaseSignature, tower_parameters
+from adapters_store.format.schema import BLOCK_SIZES
 from adapters_store.head import TaskHead
 from adapters_store.zeroshot import DEFAULT_TEMPLATE
 
 from .errors import CheckpointRefused, listed
 from .export import snap, verified_adapter
 from .import_head import base_zero_shot_head, head_from_file
-from .rst import enforce_budget
+from .rst import enforce_block_budget, enforce_budget
 from .transforms import image_size_of
 from .weights_file import read_tensors
 
@@ -112,23 +113,29 @@ def keep_largest(
     Args:
         base, tuned: ``W0`` and the fine-tuned ``W``, on CPU, keyed like the tower.
         density: the fraction of the tower's weights that may differ from the base.
-        block_size: weights kept together (1: unstructured). Block residuals are a separate
-            format change; until the format has them only 1 is accepted.
+        block_size: weights kept together (1: unstructured; 2, 4, 8, 16: the format's block
+            form, keeping the ``⌊density × eligible / B⌋`` blocks of largest L2 norm, as RST's
+            block budget does, so that the stored weights stay within the density).
 
     Raises:
         CheckpointRefused: a density that keeps no weight, or an unsupported block size.
     """
-    if block_size != 1:
-        raise CheckpointRefused(f"block size {block_size}: only unstructured (1) is supported")
+    if block_size != 1 and block_size not in BLOCK_SIZES:
+        raise CheckpointRefused(
+            f"block size {block_size}: use 1 (unstructured) or one of {BLOCK_SIZES}"
+        )
     eligible = sum(int(t.numel()) for t in base.values())
-    budget = int(density * eligible)
+    budget = int(density * eligible) // block_size
     if budget < 1:
         raise CheckpointRefused(
             f"density {density} keeps no weight of a {eligible}-weight tower "
             f"(at least {1 / eligible:.2g} is needed)"
         )
     params = {k: nn.Parameter(v.clone(), requires_grad=False) for k, v in tuned.items()}
-    enforce_budget(params, base, budget)
+    if block_size == 1:
+        enforce_budget(params, base, budget)
+    else:
+        enforce_block_budget(params, base, budget, block_size)
     return {k: p.detach() for k, p in params.items()}
 
 
@@ -245,6 +252,7 @@ def build_import(request: ImportRequest, net: nn.Module, signature: BaseSignatur
         served,
         signature=signature,
         residual_dtype=request.residual_dtype,
+        block_size=request.block_size,
         task=request.task,
         class_names=names,
         head_state=head.state_dict(),

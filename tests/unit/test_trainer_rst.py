@@ -11,6 +11,8 @@ from torch import nn
 from adapters_store.adapter import build_adapter
 from adapters_store.bases import tower_parameters
 from adapters_store.head import TaskHead
+from trainer.errors import CheckpointRefused
+from trainer.import_finetune import keep_largest
 from trainer.rst import ResidualSparsity, enforce_block_budget, enforce_budget, threshold_reset
 
 
@@ -183,3 +185,12 @@ def test_block_size_one_is_the_papers_rst(tiny) -> None:  # type: ignore[no-unty
     opt.step()
     assert rst.apply() == one.nnz
     assert all(torch.equal(p, one.params[k]) for k, p in params.items())
+
+
+def test_import_finetune_keeps_whole_blocks_within_the_density() -> None:
+    base = {"visual.w": torch.zeros(42)}  # ten blocks of 4 and a tail of 2
+    tuned = {"visual.w": torch.arange(42.0).flip(0) / 100}  # the largest weights come first
+    kept = keep_largest(base, tuned, 0.25, block_size=4)["visual.w"]  # 10 weights: 2 blocks
+    assert torch.equal(kept[:8], tuned["visual.w"][:8]) and not kept[8:].any()
+    with pytest.raises(CheckpointRefused, match="block size 3"):
+        keep_largest(base, tuned, 0.25, block_size=3)
