@@ -91,9 +91,11 @@ class Service:
         serving = self.runtime.require_ready()
         registry = self.runtime.registry
         record = await asyncio.to_thread(registry.resolve, task, version, alias)
+        # The adapter first: its cold load re-checks what serving reads (image size among it),
+        # so a stored adapter from before those checks is refused before any image is decoded.
+        prepared = await serving.cache.get(record)
         files = await read()
         images = await asyncio.to_thread(serving.images.batch, files, record.train_config)
-        prepared = await serving.cache.get(record)
         run = partial(serving.engine.run, prepared)
         probs = await self._infer(serving.batcher, prepared.digest, run, images)
         self.runtime.metrics.request_latency.labels(task=record.task).observe(
