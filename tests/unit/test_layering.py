@@ -1,8 +1,10 @@
 """The repository's structural rules, checked from the source text (``ast``), not by convention.
 
 * Import direction: trainer → adapters_store ← server, deltaclip_demo on top. trainer and
-  server never import each other (nor the demo); adapters_store imports none of them. Imports
-  inside functions and ``TYPE_CHECKING`` blocks count: they are dependencies all the same.
+  server never import each other (nor the demo); adapters_store imports none of them. The HTTP
+  client (deltaclip_client) imports none of them either (it speaks HTTP only); trainer and the
+  demo may use it, server and adapters_store do not. Imports inside functions and
+  ``TYPE_CHECKING`` blocks count: they are dependencies all the same.
 * No private name (leading underscore, not a dunder) is imported from another module or reached
   as ``module._name``: a private name is one its module may change without notice.
 * No non-test module is longer than 400 lines.
@@ -22,13 +24,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE_PACKAGES = ("adapters_store", "trainer", "server", "deltaclip_demo", "bench")
+SOURCE_PACKAGES = (
+    "adapters_store",
+    "trainer",
+    "server",
+    "deltaclip_demo",
+    "deltaclip_client",
+    "bench",
+)
 MAX_MODULE_LINES = 400
 # Which top-level packages each package must never import.
 FORBIDDEN_IMPORTS = {
-    "adapters_store": {"trainer", "server", "deltaclip_demo"},
+    "adapters_store": {"trainer", "server", "deltaclip_demo", "deltaclip_client"},
     "trainer": {"server", "deltaclip_demo"},
-    "server": {"trainer", "deltaclip_demo"},
+    "server": {"trainer", "deltaclip_demo", "deltaclip_client"},
+    "deltaclip_client": {"adapters_store", "trainer", "server", "deltaclip_demo"},
 }
 # Built at run time so that this file does not itself contain the names it looks for.
 OUTSIDE_DOCUMENTS = re.compile(
