@@ -37,8 +37,15 @@ from adapters_store.adapter import merge_state
 from adapters_store.bases import EFFLITE0, build_base, tower_parameters
 from adapters_store.format.codec import Limits, read_adapter
 from adapters_store.head import head_from_state
-from bench.accuracy_report import FROZEN_TAU, markdown_table, plot, summarise, verdict_text
-from bench.harness import Result, add_common
+from bench.accuracy_report import (
+    FROZEN_TAU,
+    block_table,
+    markdown_table,
+    plot,
+    summarise,
+    verdict_text,
+)
+from bench.harness import Result, add_common, csv_list
 
 ROOT = Path(__file__).resolve().parents[1]
 # A dense fine-tune stored as a sparse adapter is over the store's 50 % limit; reading it is fine.
@@ -62,7 +69,12 @@ class Setting:
         return self.tau == 0 and self.max_density is None
 
 
-def settings_for(taus: list[float], budgets: list[float], budget_tau: float) -> list[Setting]:
+def settings_for(
+    taus: list[float],
+    budgets: list[float],
+    budget_tau: float,
+    block_sizes: tuple[int, ...] | list[int] = (1,),
+) -> list[Setting]:
     rows = [
         Setting("linear-probe", "linear probe (frozen tower)", "linear probe", "source-only", FROZEN_TAU),
         Setting("source-only-ft", "source-only FT (τ=0)", "source-only FT", "source-only", 0.0),
@@ -78,6 +90,10 @@ def settings_for(taus: list[float], budgets: list[float], budget_tau: float) -> 
     ]
     rows += [Setting(f"cmkd-rst-max-{d:g}", f"CMKD+RST ≤{d:.2%} (τ={budget_tau:g})", "CMKD+RST budget",
                      "cmkd", budget_tau, d) for d in budgets]  # fmt: skip
+    # Block-structured RST (docs/METHOD.md): the same budgets, weights changed in blocks of B.
+    rows += [Setting(f"cmkd-rst-max-{d:g}-b{b}", f"CMKD+RST ≤{d:.2%}, B={b} (τ={budget_tau:g})",
+                     f"CMKD+RST budget B={b}", "cmkd", budget_tau, d, extra=("--block-size", str(b)))
+             for b in block_sizes if b > 1 for d in budgets]  # fmt: skip
     return rows
 
 
@@ -102,6 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-tau", type=float, default=3e-5,
                    help="τ under the --max-density runs (small enough that the budget is what binds; "
                    "τ=0 would top-k the whole tower after every step, ~1 s a step here)")  # fmt: skip
+    p.add_argument("--block-sizes", type=csv_list(int), default=[1],
+                   help="block sizes of the --max-density runs, e.g. 1,4,16 (1: unstructured RST)")  # fmt: skip
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="loader processes per run")
@@ -111,10 +129,12 @@ def study_config(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that decides the numbers; results are only reused under an equal config."""
     keys = ("shifts", "per_class", "test_per_class", "steps", "batch_size", "image_size", "lr",
             "head_lr", "taus", "budgets", "budget_tau", "seed", "data_seed", "quick")  # fmt: skip
+    blocks = sorted(set(args.block_sizes) - {1})  # only when asked: older results stay reusable
     return {
         "base": list(EFFLITE0),
         **{k: getattr(args, k) for k in keys},
         "head_lr_mult": args.head_lr / args.lr,
+        **({"block_sizes": blocks} if blocks else {}),
     }
 
 
@@ -231,7 +251,7 @@ def run_study(args: argparse.Namespace, data: dict[str, Any], save: Any) -> None
     data["images"] = origin
     held_out = HeldOut(args.image_size)
     code = code_version()
-    settings = settings_for(args.taus, args.budgets, args.budget_tau)
+    settings = settings_for(args.taus, args.budgets, args.budget_tau, args.block_sizes)
     todo = [(shift, s) for shift in args.shifts for s in settings]
     started = time.perf_counter()
     for i, (shift, s) in enumerate(todo, 1):
@@ -269,5 +289,8 @@ def run(args: argparse.Namespace, result: Result) -> None:
     print(markdown_table(result.data, summary))
     print()
     print(verdict_text(result.data, summary))
+    if summary.get("blocks"):
+        print()
+        print(block_table(summary))
     print(f"\nresults: {args.out}; plot: {args.plot} (training time recorded: "
           f"{result.data.get('study_seconds', 0):.0f}s)")  # fmt: skip

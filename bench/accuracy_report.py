@@ -6,6 +6,7 @@ a result file without touching the trainer.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
     by_key = {r["key"]: r for r in rows}
     verdict: dict[str, Any] = {}
     ft, lp = by_key.get("cmkd-ft"), by_key.get("linear-probe")
-    sparse = [r for r in rows if r["family"].startswith("CMKD+RST") and r["max_density_reached"] <= 0.005]  # fmt: skip
+    sparse = [r for r in rows if r["family"] in ("CMKD+RST τ", "CMKD+RST budget") and r["max_density_reached"] <= 0.005]  # fmt: skip
     if ft and sparse:
         for metric in ("test", "target"):
             per_task = {}
@@ -78,7 +79,60 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 },
                 "linear_probe_ratio": lp[f"mean_{metric}"] / ft[f"mean_{metric}"] if lp else None,
             }
-    return {"rows": rows, "verdict": verdict}
+    return {"rows": rows, "verdict": verdict, "blocks": block_comparison(rows)}
+
+
+def _at_bytes(ones: list[dict[str, Any]], stored: float) -> tuple[float, float] | None:
+    """Unstructured (B = 1) budget accuracy and its standard error at ``stored`` bytes, linear in
+    log bytes between the two budget rows around it; None outside their range."""
+    for lo, hi in itertools.pairwise(ones):
+        a, b = math.log(lo["mean_stored_bytes"]), math.log(hi["mean_stored_bytes"])
+        if a <= math.log(stored) <= b and b > a:
+            w = (math.log(stored) - a) / (b - a)
+            acc = (1 - w) * lo["mean_test"] + w * hi["mean_test"]
+            return acc, math.hypot((1 - w) * lo["se_mean_test"], w * hi["se_mean_test"])
+    return None
+
+
+def block_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Block-RST rows against unstructured RST (B = 1): at the same density budget, and at the same
+    stored bytes (B = 1 interpolated); differences with ±1 standard error (independent errors)."""
+    ones = sorted((r for r in rows if r["family"] == "CMKD+RST budget"), key=lambda r: r["mean_stored_bytes"])  # fmt: skip
+    out = []
+    for r in rows:
+        if not r["family"].startswith("CMKD+RST budget B="):
+            continue
+        entry: dict[str, Any] = {"key": r["key"], "block_size": int(r["family"].rsplit("=", 1)[1]),
+                                 "max_density": r["max_density"], "mean_test": r["mean_test"],
+                                 "se_mean_test": r["se_mean_test"], "mean_stored_bytes": r["mean_stored_bytes"]}  # fmt: skip
+        same = next((o for o in ones if o["max_density"] == r["max_density"]), None)
+        if same is not None:
+            entry["diff_equal_density"] = r["mean_test"] - same["mean_test"]
+            entry["se_equal_density"] = math.hypot(r["se_mean_test"], same["se_mean_test"])
+            entry["b1_stored_bytes"] = same["mean_stored_bytes"]
+        at = _at_bytes(ones, r["mean_stored_bytes"])
+        if at is not None:
+            entry["diff_equal_bytes"] = r["mean_test"] - at[0]
+            entry["se_equal_bytes"] = math.hypot(r["se_mean_test"], at[1])
+        out.append(entry)
+    return out
+
+
+def block_table(summary: dict[str, Any]) -> str:
+    """Markdown: each block setting's accuracy minus unstructured RST's, at equal density and at
+    equal stored bytes, in percentage points ± 1 standard error."""
+
+    def diff(e: dict[str, Any], kind: str) -> str:
+        if f"diff_{kind}" not in e:
+            return "—"
+        return f"{100 * e[f'diff_{kind}']:+.1f} ± {100 * e[f'se_{kind}']:.1f}"
+
+    lines = ["| B | budget | mean test acc. | stored bytes | − B=1, equal density (pp) | − B=1, equal bytes (pp) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for e in summary["blocks"]:
+        lines.append(f"| {e['block_size']} | ≤{e['max_density']:.2%} | {100 * e['mean_test']:.1f} % "
+                     f"| {e['mean_stored_bytes']:,.0f} | {diff(e, 'equal_density')} | {diff(e, 'equal_bytes')} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def markdown_table(data: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -138,9 +192,12 @@ def verdict_text(data: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 COLOURS = {"linear probe": "tab:gray", "source-only FT": "tab:orange", "CMKD FT": "tab:red",
-           "ablation": "tab:purple", "CMKD+RST τ": "tab:blue", "CMKD+RST budget": "tab:green"}  # fmt: skip
+           "ablation": "tab:purple", "CMKD+RST τ": "tab:blue", "CMKD+RST budget": "tab:green",
+           "CMKD+RST budget B=2": "tab:olive", "CMKD+RST budget B=4": "tab:cyan",
+           "CMKD+RST budget B=8": "tab:pink", "CMKD+RST budget B=16": "tab:brown"}  # fmt: skip
 MARKERS = {"linear probe": "s", "source-only FT": "D", "CMKD FT": "*", "ablation": "P",
-           "CMKD+RST τ": "o", "CMKD+RST budget": "^"}  # fmt: skip
+           "CMKD+RST τ": "o", "CMKD+RST budget": "^", "CMKD+RST budget B=2": "<",
+           "CMKD+RST budget B=4": "v", "CMKD+RST budget B=8": ">", "CMKD+RST budget B=16": "X"}  # fmt: skip
 
 
 def plot(data: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
@@ -167,6 +224,8 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
             budget_i += 1
             text = f"≤{r['max_density']:.2%}\n({r['mean_density']:.3%})"
             offset = (4, -20) if budget_i % 2 else (-34, 6)
+        elif fam.startswith("CMKD+RST budget B="):
+            text, offset = f"≤{r['max_density']:.2%}", (4, -12)
         elif fam == "CMKD+RST τ":
             text, offset = f"τ={r['tau']:g}\n({r['mean_density']:.3%})", (4, 4)
         else:

@@ -5,8 +5,10 @@
 Sections, on the ``--base`` image tower (seeded random ViT-B-16 by default: sizes do not depend
 on the weights' values) with synthetic residuals at RST-like densities:
 
-* ``file`` — format v1 file size for float32 and bfloat16 residuals with a 65-class head: file,
-  JSON header and head bytes, and bytes per changed weight (also printed as a Markdown table);
+* ``file`` — format v1 file size for float32 and bfloat16 residuals with a 65-class head, for each
+  of ``--block-sizes`` (1: unstructured, else the block form with whole blocks of ``B`` changed
+  weights): file, JSON header and head bytes, and bytes per changed weight (also printed as a
+  Markdown table);
 * ``reference`` — v1 residual bytes against the reference implementation's format (a pickle of
   ``torch.sparse_coo_tensor`` residuals), for all changed tensors and for 2-D weights only;
 * ``memory`` — resident bytes per prepared adapter (``PreparedAdapter.nbytes`` and measured
@@ -49,12 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, sections=["file", "reference", "memory"], base="ViT-B-16", reps=1)
     p.add_argument("--densities", type=csv_list(float), default=list(DENSITIES))
     p.add_argument("--copies", type=int, default=50, help="prepared copies measured per density")
+    p.add_argument("--block-sizes", type=csv_list(int), default=[1, 4, 16], help="file section: B (1 = unstructured)")  # fmt: skip
 
 
 def run(args: argparse.Namespace, result: Result) -> None:
     net, sig = load_base(args.base)
     if "file" in args.sections:
-        result["file_sizes"] = file_sizes(net, sig, args.densities)
+        result["file_sizes"] = file_sizes(net, sig, args.densities, args.block_sizes)
     if {"reference", "memory"} & set(args.sections):
         # the adapters the swap question alternates first (same seeds): one per density
         adapters = {d: random_adapter(net, sig, "t1", density=d, seed=10 + j) for j, d in enumerate(args.densities)}  # fmt: skip
@@ -65,30 +68,30 @@ def run(args: argparse.Namespace, result: Result) -> None:
             result["storage"] = reference(net, adapters)
 
 
-def file_sizes(net: Any, sig: Any, densities: list[float]) -> dict[str, Any]:
-    """Format v1 bytes of one adapter per density and residual dtype, and the Markdown table."""
+def file_sizes(net: Any, sig: Any, densities: list[float], block_sizes: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Format v1 bytes of one adapter per density, block size and residual dtype, and the table."""
     head = TaskHead(sig.embed_dim, 65).state_dict()
     common = dict(task="bench", base_model=sig.model, base_pretrained=sig.pretrained,
                   base_fingerprint=sig.fingerprint, class_names=[f"c{i}" for i in range(65)], head_state=head)  # fmt: skip
     base = {k: p.detach() for k, p in tower_parameters(net).items()}
     rows = []
-    for density in densities:
-        _, task = random_task_state(net, density, seed=1)
+    for density, b in [(d, b) for b in block_sizes for d in densities]:
+        _, task = random_task_state(net, density, seed=1, block_size=b)
         for dtype in (torch.float32, torch.bfloat16):
-            adapter = build_adapter(base, task, residual_dtype=dtype, **common)
+            adapter = build_adapter(base, task, residual_dtype=dtype, block_size=b, **common)
             data = encode_adapter(adapter)
             header = 8 + int.from_bytes(data[:8], "little")
             head_bytes = sum(t.numel() * t.element_size() for t in adapter.head.values())
             nnz = adapter.meta.nnz
             residual = len(data) - header - head_bytes
-            rows.append({"density": density, "nnz": nnz, "residual_dtype": str(dtype)[6:],
+            rows.append({"block_size": b, "density": density, "nnz": nnz, "residual_dtype": str(dtype)[6:],
                          "file_bytes": len(data), "header_bytes": header, "head_bytes": head_bytes,
                          "residual_per_weight": residual / nnz, "with_header_per_weight": (residual + header) / nnz})  # fmt: skip
     tower = sum(v.numel() for v in base.values())
     print(f"{sig.model} image tower: {tower:,} weights, 65-class head\n")
-    print_table(["density", "changed weights", "residual dtype", "file bytes", "JSON header bytes", "head bytes",
+    print_table(["B", "density", "changed weights", "residual dtype", "file bytes", "JSON header bytes", "head bytes",
                  "bytes per changed weight, residual data", "bytes per changed weight, incl. header"],
-                [[f"{r['density']:.2%}", f"{r['nnz']:,}", str(r["residual_dtype"]), f"{r['file_bytes']:,}", f"{r['header_bytes']:,}",
+                [[str(r["block_size"]), f"{r['density']:.2%}", f"{r['nnz']:,}", str(r["residual_dtype"]), f"{r['file_bytes']:,}", f"{r['header_bytes']:,}",
                   f"{r['head_bytes']:,}", f"{r['residual_per_weight']:.3f}", f"{r['with_header_per_weight']:.3f}"] for r in rows])  # fmt: skip
     return {"tower_weights": tower, "head_classes": 65, "rows": rows}
 

@@ -20,6 +20,9 @@ Sections:
 * ``cold`` — store → prepared for a 0.5 % adapter: read, SHA-256 verify, decode, validate, prepare.
 * ``exactness`` — base drift after ``--cycles`` patch/restore cycles in bfloat16 and float16
   (bench/exactness.py).
+* ``blocks``, ``cold_blocks`` — block adapters (``--block-sizes``, 1 = unstructured) at each
+  density: patch + restore as served between forwards and in isolation, and cold load
+  (bench/swap_blocks.py).
 """
 
 from __future__ import annotations
@@ -49,32 +52,41 @@ from bench.harness import (
     load_base,
     median,
     p,
-    time_once,
     timeit,
     wait_for_quiet,
 )
 from bench.inplace import SubtractSwap, loop_swap, per_tensor
 from bench.lora import build_peft, lora_params_per_rank, lora_rank_for, lora_state
+from bench.swap_blocks import block_cold_load, block_swap, served_cycles
 
 METHODS = ["deltaclip", "candidates", "loop", "subtract", "one_thread", "between_forwards",
            "dense", "peft"]  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, sections=["swap", "cold", "exactness"], base="ViT-B-16")
+    add_common(p, sections=["swap", "cold", "exactness", "blocks", "cold_blocks"], base="ViT-B-16")
     p.add_argument("--methods", type=csv_list(str), default=METHODS, help=f"swap methods (default: {','.join(METHODS)})")  # fmt: skip
     p.add_argument("--densities", type=csv_list(float), default=list(DENSITIES))
     p.add_argument("--alternate", type=int, choices=(1, 2), default=2, help="adapters alternated per density")  # fmt: skip
     p.add_argument("--repeat", type=int, default=100, help="timed switches per block (fast methods)")  # fmt: skip
     p.add_argument("--cycles", type=int, default=1000, help="swap cycles for exactness")
     p.add_argument("--lora-cycles", type=int, default=200, help="LoRA merge/unmerge cycles")
+    p.add_argument("--block-sizes", type=csv_list(int), default=[1, 4, 16], help="blocks sections: B (1 = unstructured)")  # fmt: skip
+    p.add_argument("--served", type=int, default=9, help="blocks sections: switches between forwards, cold loads")  # fmt: skip
 
 
 def run(args: argparse.Namespace, result: Result) -> None:
     if args.quick:
         args.reps, args.repeat = min(args.reps, 2), min(args.repeat, 40)
         args.cycles, args.lora_cycles = min(args.cycles, 40), min(args.lora_cycles, 10)
+        args.served = min(args.served, 3)
     net, sig = load_base(args.base)
+    for section, measure in (("blocks", block_swap), ("cold_blocks", block_cold_load)):
+        if section in args.sections:  # block adapters by B (bench/swap_blocks.py)
+            result[section] = measure(net, sig, args)
+            result.save()
+    if not {"swap", "cold", "exactness"} & set(args.sections):
+        return
     base_visual = copy.deepcopy(cast(nn.Module, net.visual)).eval()
     adapters = {
         d: [random_adapter(net, sig, f"t{i}", density=d, seed=10 * i + j) for i in (1, 2)]
@@ -152,19 +164,6 @@ def swap(
 
         return cycle
 
-    def between_forwards(preps: list[Any]) -> list[float]:
-        """Patch + restore as serving does them: each after a forward pass has streamed the whole
-        tower through the caches (the isolated loop re-writes the same, cache-warm lines)."""
-        out = []
-        for i in range(n["between"] + 1):
-            prep = preps[i % len(preps)]
-            engine.features(x)
-            t = time_once(partial(patcher.patch, prep), blocks.sync)
-            engine.features(x)
-            t += time_once(partial(patcher.restore, prep), blocks.sync)
-            out.append(t)
-        return out[1:]
-
     ops = ["index_put_", "scatter_", *(["numpy"] if device == "cpu" else [])]
     timed_inplace: dict[str, Callable[[float], list[Callable[[], Any]]]] = {"deltaclip": lambda d: [fused(pr) for pr in prepared[d]],
                      "loop": lambda d: [partial(loop_swap, parts) for parts in loops[d]],
@@ -192,7 +191,7 @@ def swap(
                     blocks.time(f"{name}_1t@{d}", _alternate(fns(d)), n["mid" if name == "loop" else "fast"])  # fmt: skip
                 torch.set_num_threads(threads)
             if "between_forwards" in methods:
-                blocks.add(f"between_forwards@{d}", between_forwards(prepared[d]))
+                blocks.add(f"between_forwards@{d}", served_cycles(engine, prepared[d], x, n["between"], blocks.sync))  # fmt: skip
         if alts is not None:
             alts.time(blocks, engine, x, n, methods)
         assert patcher.is_pristine(), "deltaclip's patcher must leave the base bit-identical"

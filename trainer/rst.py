@@ -82,22 +82,31 @@ def enforce_budget(
         idx = diff.nonzero().squeeze(1)
         positions.append(idx)
         magnitudes.append(diff[idx])
-    counts = [int(i.numel()) for i in positions]
-    total = sum(counts)
+    total = sum(int(i.numel()) for i in positions)
     if total <= max_changed:
         return total
-    flat = torch.cat([m.float().to(magnitudes[0].device) for m in magnitudes])
-    order = torch.argsort(flat, descending=True, stable=True)
-    keep = torch.zeros(total, dtype=torch.bool, device=flat.device)
-    keep[order[:max_changed]] = True
-    start = 0
-    for key, idx, count in zip(keys, positions, counts, strict=True):
-        drop = idx[~keep[start : start + count].to(idx.device)]
-        start += count
+    drops = _outside_top_k(positions, [m.float() for m in magnitudes], max_changed)
+    for key, drop in zip(keys, drops, strict=True):
         if drop.numel():
             p, w0 = params[key].view(-1), base[key].reshape(-1)
             p[drop] = w0[drop]
     return max_changed
+
+
+def _outside_top_k(
+    ids: list[torch.Tensor], scores: list[torch.Tensor], k: int
+) -> list[torch.Tensor]:
+    """Per parameter, its ``ids`` outside the global top ``k`` of ``scores`` (a stable sort: ties
+    go to the earlier parameter and id)."""
+    flat = torch.cat([s.to(scores[0].device) for s in scores])
+    order = torch.argsort(flat, descending=True, stable=True)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[order[:k]] = True
+    out, start = [], 0
+    for idx in ids:
+        out.append(idx[~keep[start : start + idx.numel()].to(idx.device)])
+        start += idx.numel()
+    return out
 
 
 @torch.no_grad()
@@ -119,17 +128,10 @@ def enforce_block_budget(
         idx = sq.nonzero().squeeze(1)
         ids.append(idx)
         norms.append(sq[idx])
-    counts = [int(i.numel()) for i in ids]
-    if sum(counts) <= max_blocks:
-        return sum(counts) * block_size
-    flat = torch.cat([n.to(norms[0].device) for n in norms])
-    order = torch.argsort(flat, descending=True, stable=True)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[order[:max_blocks]] = True
-    start = 0
-    for key, idx, count in zip(keys, ids, counts, strict=True):
-        drop = idx[~keep[start : start + count].to(idx.device)]
-        start += count
+    total = sum(int(i.numel()) for i in ids)
+    if total <= max_blocks:
+        return total * block_size
+    for key, drop in zip(keys, _outside_top_k(ids, norms, max_blocks), strict=True):
         if drop.numel():
             p, w0 = params[key], base[key]
             dropped = torch.zeros(-(-p.numel() // block_size), dtype=torch.bool, device=p.device)
