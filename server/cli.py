@@ -14,6 +14,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .config import ServerSettings
     from .main import create_app
+    from .protocol import protocol_class
 
     overrides: dict[str, Any] = {
         key: value
@@ -31,9 +32,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
-    # h11 bounds request heads (64 KiB); uvicorn's default httptools parser buffers them unbounded.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
-                http="h11", h11_max_incomplete_event_size=64 * 1024)  # fmt: skip
+    # h11 (not httptools, which buffers heads unbounded) bounds incomplete heads, the app
+    # answers complete heads over the limit (431); the protocol adds a read timeout and JSON
+    # protocol errors (server/protocol.py). docs/API.md lists what uvicorn still answers itself.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=args.access_log, http=protocol_class(settings.read_timeout_s),
+                h11_max_incomplete_event_size=settings.max_head_bytes,
+                timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
     return 0
 
 

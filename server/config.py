@@ -32,6 +32,18 @@ class ServerSettings(StoreSettings):
         200_000_000, ge=1, description="decoded pixels per /predict request, all images together"
     )
     retry_after_s: int = 1
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="a client silent this long mid-head or mid-body gets 408, closed"
+    )
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed")
+    max_head_bytes: int = Field(
+        64 << 10, ge=1024, description="request line + headers; larger heads get 431 (or 400)"
+    )
+    deterministic: bool = Field(
+        False,
+        description="every forward pass at the fixed batch shape max_batch (padded), so an "
+        "image's answer does not depend on what it is batched with",
+    )
     replica_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
         description="sent as X-Deltaclip-Replica on every response (which replica answered)",

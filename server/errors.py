@@ -66,6 +66,18 @@ class InvalidLabels(InvalidRequest):
     """Zero-shot labels are too few, repeated, too long or not printable."""
 
 
+class MalformedHttp(InvalidRequest):
+    """The bytes are not a valid HTTP/1.1 request (answered by the connection protocol)."""
+
+
+class RequestTimedOut(ServerError):
+    """The client sent part of a request head or body and then nothing for ``read_timeout_s``."""
+
+
+class HeadersTooLarge(ServerError):
+    """The request line and headers together exceed ``max_head_bytes``."""
+
+
 class Unauthorized(ServerError):
     """The admin bearer token is missing or wrong."""
 
@@ -174,7 +186,10 @@ RULES: tuple[Rule, ...] = (
     Rule(EmptyImage, 400, "empty_image"),
     Rule(MissingFile, 400, "missing_file"),
     Rule(InvalidLabels, 400, "invalid_labels"),
+    Rule(MalformedHttp, 400, "malformed_http"),
     Rule(InvalidRequest, 400, "invalid_request"),
+    Rule(RequestTimedOut, 408, "request_timeout"),
+    Rule(HeadersTooLarge, 431, "headers_too_large"),
     Rule(Unauthorized, 401, "unauthorized", headers={"WWW-Authenticate": "Bearer"}),
     Rule(AdminDisabled, 403, "admin_disabled"),
     Rule(TooManyImages, 413, "too_many_images"),
@@ -193,6 +208,7 @@ RULES: tuple[Rule, ...] = (
     Rule(store.AlreadyExists, 409, None),
     Rule(store.InvalidName, 400, None),
     Rule(store.InvalidRequest, 400, None),
+    Rule(store.UnmappedLabel, 400, None),
     # Damaged stored bytes: refused for this adapter only, as a conflict with the stored state
     # (re-registering the file repairs it); never a 5xx.
     Rule(store.ChecksumMismatch, 409, None),

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from . import errors
 from .api.routes import adapters, admin, catalog, health, predict
 from .config import ServerSettings
+from .hygiene import HeadAsGetMiddleware, HeadLimitMiddleware, UnexpectedErrorMiddleware
 from .limits import BodyLimitMiddleware, ReplicaHeaderMiddleware
 from .runtime import Runtime
 from .service import Service
@@ -55,6 +56,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             settings.max_upload_bytes if path.startswith("/admin/") else settings.max_request_bytes
         )
 
+    # Innermost first: an unexpected error is rendered below the body limit and the replica
+    # header; HEAD and the head limit are decided before anything else runs.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(ReplicaHeaderMiddleware, name=settings.replica_name)
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(HeadLimitMiddleware, limit=settings.max_head_bytes)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +13,7 @@ from ..runtime import Runtime
 from ..service import Service
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9._~+/-]+=*)")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -33,11 +35,13 @@ def require_admin(request: Request, service: ServiceDep) -> None:
     configured = service.settings.admin_token
     if configured is None or not configured.get_secret_value():
         raise AdminDisabled("the admin API is disabled: the server has no admin token configured")
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("send Authorization: Bearer <admin token>")
-    if not hmac.compare_digest(token.strip().encode(), configured.get_secret_value().encode()):
+    # Strict: exactly one Authorization header, "Bearer", one space, a token68 (RFC 7235 §2.1)
+    # and nothing else, so "Bearer  token", "Bearer token " or two headers are refused.
+    headers = request.headers.getlist("authorization")
+    match = BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
+    if match is None:
+        raise Unauthorized("send exactly one header: Authorization: Bearer <admin token>")
+    if not hmac.compare_digest(match[1].encode(), configured.get_secret_value().encode()):
         raise Unauthorized("invalid admin token")
 
 

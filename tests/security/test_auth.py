@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from torch import nn
@@ -23,26 +24,42 @@ from adapters_store.bases import BaseSignature
 from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from server.main import create_app
-from tests.conftest import png_bytes
+from tests.conftest import app_routes, png_bytes
 from tests.security.conftest import serving
 from tests.security.helpers import ADMIN, ADMIN_TOKEN, rewrite_header
 
 Tiny = tuple[nn.Module, BaseSignature]
 NON_MUTATING_POSTS = {"/predict", "/predict/zero-shot"}
+READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 OLD_TOKEN = "the-token-before-rotation"
 
 
 def mutating_routes(settings: Any) -> list[tuple[str, str]]:
-    """Every non-GET route of the app (all routes are in its OpenAPI schema)."""
-    paths = create_app(settings).openapi()["paths"]
+    """Every route of the app but reads and predictions, from ``app.routes`` (so a route left out
+    of the OpenAPI schema is walked too), with its path parameters filled in."""
     routes = [
-        (method.upper(), path.format(task="t", version=1, alias="production"))
-        for path, operations in paths.items()
-        for method in operations
-        if method.upper() not in {"GET", "HEAD"} and path not in NON_MUTATING_POSTS
+        (method, path.format(task="t", version=1, alias="production"))
+        for method, path in app_routes(create_app(settings))
+        if method not in READ_METHODS and path not in NON_MUTATING_POSTS
     ]
     assert len(routes) >= 4, routes
     return routes
+
+
+def test_the_route_walk_sees_routes_left_out_of_the_schema(store: Any) -> None:
+    app = create_app(store)
+    hidden = APIRouter(prefix="/admin")
+    hidden.add_api_route("/hidden", lambda: {}, methods=["POST"], include_in_schema=False)
+    app.include_router(hidden)
+    app.add_api_route("/also-hidden", lambda: {}, methods=["DELETE"], include_in_schema=False)
+    walked = app_routes(app)
+    assert {("POST", "/admin/hidden"), ("DELETE", "/also-hidden")} <= set(walked)
+    in_schema = {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+    }
+    assert in_schema < set(walked)
 
 
 def call(client: TestClient, method: str, url: str, headers: dict[str, str], data: bytes) -> Any:
@@ -68,6 +85,12 @@ BAD_CREDENTIALS = {
     "token-in-other-header": {"X-Admin-Token": ADMIN_TOKEN},
     "token-in-cookie": {"Cookie": f"token={ADMIN_TOKEN}"},
     "non-ascii-token": {"Authorization": "Bearer tök".encode()},
+    # Strict parsing: one space, a token68, nothing around it.
+    "two-spaces": {"Authorization": f"Bearer  {ADMIN_TOKEN}"},
+    "tab": {"Authorization": f"Bearer\t{ADMIN_TOKEN}"},
+    "trailing-space": {"Authorization": f"Bearer {ADMIN_TOKEN} "},
+    "leading-space": {"Authorization": f" Bearer {ADMIN_TOKEN}"},
+    "two-tokens": {"Authorization": f"Bearer {ADMIN_TOKEN} {ADMIN_TOKEN}"},
 }
 
 
@@ -153,6 +176,9 @@ def test_errors_leak_no_paths_or_tracebacks_and_logs_escape_control_characters(
         lambda h: h["__metadata__"].update(task="t\nFAKE \x1b[2J"),
     )
     assert api.post("/admin/adapters", files={"file": ("a", good)}, headers=ADMIN).status_code == 201  # fmt: skip
+    # Never asked for before its blob is damaged (a request for "t" loads "t" into the cache).
+    cold = encode_adapter(random_adapter(*tiny, "cold", seed=6))
+    assert api.post("/admin/adapters", files={"file": ("a", cold)}, headers=ADMIN).status_code == 201  # fmt: skip
     png = {"content": png_bytes(0), "headers": {"content-type": "image/png"}}
     responses = [
         api.post("/admin/adapters", files={"file": ("x\nFAKE.safetensors", b"junk")}, headers=ADMIN),
@@ -172,10 +198,11 @@ def test_errors_leak_no_paths_or_tracebacks_and_logs_escape_control_characters(
         api.post("/admin/adapters", files={"file": ("a", b"")}, headers={"Authorization": "Bearer x\x1b"}),
     ]  # fmt: skip
     # Damaged storage: a corrupted blob, then a full disk.
-    blob = next(p for p in Path(store.blob_root).rglob("*") if p.is_file())
+    digest = api.get("/adapters/cold/versions/1").json()["digest"]
+    blob = next(p for p in Path(store.blob_root).rglob(digest) if p.is_file())
     blob.write_bytes(b"\0" + blob.read_bytes()[1:])
-    responses.append(api.get("/adapters/t/versions/1/file"))
-    responses.append(api.post("/predict?task=t", **png))
+    responses.append(api.get("/adapters/cold/versions/1/file"))
+    responses.append(api.post("/predict?task=cold", **png))
 
     def no_space(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(home / "blobs" / ".tmp-x"))
