@@ -118,6 +118,8 @@ class FlatPatcher:
         }
         self.device = device
         self._rows: dict[Group, np.ndarray] = {}  # CPU: each block group's buffer as raw items
+        # Blocks through NumPy on the CPU; elsewhere (CUDA) one index_copy_ of int64 rows.
+        self.numpy_blocks = device.type == "cpu"
 
     def _items_np(self, group: Group) -> np.ndarray:
         if group not in self._rows:
@@ -173,7 +175,7 @@ class FlatPatcher:
         for dtype, idx in prepared.indices.items():
             self.flat[dtype].index_copy_(0, idx, values[dtype])
         for (dtype, width), row in prepared.block_rows.items():
-            if self.device.type == "cpu":
+            if self.numpy_blocks:
                 src = items[dtype, width].numpy().view(np.dtype(f"V{width}")).reshape(-1)
                 self._items_np((dtype, width))[row.numpy()] = src
             else:

@@ -170,9 +170,13 @@ def test_block_tails_patch_only_their_parameter(dtype: torch.dtype) -> None:
         assert patcher.is_pristine()
 
 
-def test_thousands_of_mixed_block_and_unstructured_cycles_are_exact(model: nn.Module, tiny) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("numpy_blocks", [True, False], ids=["numpy", "index_copy"])
+def test_thousands_of_mixed_block_and_unstructured_cycles_are_exact(
+    model: nn.Module, tiny, numpy_blocks: bool
+) -> None:  # type: ignore[no-untyped-def]
     net, sig = tiny
     patcher = FlatPatcher(model.visual)
+    patcher.numpy_blocks = numpy_blocks  # False: the int64-row index_copy_ that CUDA uses
     adapters = [
         random_adapter(net, sig, f"t{i}", density=0.03, seed=i, block_size=b)
         for i, b in enumerate([1, 2, 4, 8, 16, 16, 4, 1])
