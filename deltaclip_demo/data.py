@@ -27,7 +27,7 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = (
     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
 )
-FASHION_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat",
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle_boot"]  # fmt: skip
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -17,6 +17,7 @@ from torch import nn
 from adapters_store.adapter import Adapter
 from adapters_store.bases import BaseSignature, base_fingerprint
 from adapters_store.head import TaskHead, head_from_state
+from adapters_store.zeroshot import class_embeddings
 
 from .images import EvalTransforms, Transform
 from .patcher import FlatPatcher, PreparedResidual
@@ -55,7 +56,6 @@ class Engine:
         self.current: PreparedAdapter | None = None
         self.swaps = 0
         self._text_lock = threading.Lock()
-        self._tokenizer: Any = None
 
     def transform_for(self, train_config: dict[str, Any] | None = None) -> Transform:
         """The evaluation transform at the size an adapter was trained at (the base's native size
@@ -110,15 +110,12 @@ class Engine:
         return base_fingerprint(self.net)
 
     @torch.inference_mode()
-    def text_embeddings(
-        self, labels: list[str], template: str = "a photo of a {}."
-    ) -> torch.Tensor:
-        """L2-normalised prompt embeddings from the frozen text tower (never patched)."""
-        import open_clip
+    def text_embeddings(self, labels: list[str]) -> torch.Tensor:
+        """The base's class embeddings for ``labels`` (its text side is never patched).
 
+        Raises:
+            UnmappedLabel: the default base's WordNet head cannot place a label (a 400).
+        """
+        sig = self.signature
         with self._text_lock:
-            if self._tokenizer is None:
-                self._tokenizer = open_clip.get_tokenizer(self.signature.model)
-            tokens = self._tokenizer([template.format(label) for label in labels]).to(self.device)
-            emb = self.net.encode_text(tokens).float()  # type: ignore[operator]
-        return nn.functional.normalize(emb, dim=-1)
+            return class_embeddings(self.net, sig.model, sig.pretrained, labels)

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.format.schema import BLOCK_SIZES
+from adapters_store.zeroshot import DEFAULT_TEMPLATE
 
 from .errors import TrainError
 
 METHODS = ("cmkd", "source-only")
 RESIDUAL_DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_TEMPLATE = "a photo of a {name}."
 
 # Per tower kind: (image-tower lr, head lr multiplier, RST threshold tau). "vit" and "conv" are the
 # reference's ViT-B/16 and ResNet-50 values. EfficientNet towers (deltaclip-efflite0) get their

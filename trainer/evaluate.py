@@ -18,15 +18,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adapters_store.adapter import merge_state
-from adapters_store.bases import EFFLITE0, build_base, signature_of
+from adapters_store.adapter import Adapter, merge_state
+from adapters_store.bases import build_base, signature_of
 from adapters_store.config import StoreSettings
 from adapters_store.head import head_from_state
+from adapters_store.records import AdapterRecord
 from adapters_store.registry import Registry
+from adapters_store.zeroshot import class_embeddings
 
 from .data import ImageDataset, labelled, scan_domain
 from .loaders import default_workers, eval_loader
-from .model import TextHead, logit_scale_of, text_embeddings
+from .model import TextHead, logit_scale_of
 from .transforms import eval_transform, image_size_of, normalisation_of
 
 Heads = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -101,6 +103,43 @@ def folder_data(
     return EvalData(eval_loader(dataset, batch_size, workers), names, len(domain.skipped))
 
 
+@dataclass
+class TaskModel:
+    """A registered adapter as it is served: the base with its residual merged, and its head."""
+
+    record: AdapterRecord
+    adapter: Adapter
+    net: nn.Module
+    head: nn.Module
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The task head's logits ``[N, C]`` for a batch already on the model's device."""
+        return self.head(cast(Any, self.net).encode_image(images).float())
+
+
+def load_task_model(
+    settings: StoreSettings,
+    task: str,
+    version: int | None = None,
+    alias: str | None = None,
+    device: torch.device | None = None,
+) -> TaskModel:
+    """Resolve ``task`` in the catalog, build its base and merge the adapter into it
+    (``adapters_store.adapter.merge_state``, the one definition of task weights), in eval mode."""
+    registry = Registry.from_settings(settings)
+    try:
+        record = registry.resolve(task, version, alias)
+        net = build_base(record.base_model, record.base_pretrained)
+        signature = signature_of(net, record.base_model, record.base_pretrained)
+        adapter = registry.load(record, signature)
+    finally:
+        registry.close()
+    net.load_state_dict(merge_state(dict(net.state_dict()), adapter))
+    head = head_from_state(dict(adapter.head))
+    device = device or torch.device("cpu")
+    return TaskModel(record, adapter, net.to(device).eval(), head.to(device).eval())
+
+
 def evaluate_adapter(
     settings: StoreSettings,
     task: str,
@@ -118,28 +157,11 @@ def evaluate_adapter(
     Images are resized to ``image_size``, by default the size the adapter was trained at.
     """
     device = device or torch.device("cpu")
-    registry = Registry.from_settings(settings)
-    try:
-        record = registry.resolve(task, version, alias)
-        net = build_base(record.base_model, record.base_pretrained)
-        signature = signature_of(net, record.base_model, record.base_pretrained)
-        adapter = registry.load(record, signature)
-    finally:
-        registry.close()
-    net.load_state_dict(merge_state(dict(net.state_dict()), adapter))
-    head = head_from_state(dict(adapter.head))
-    net.to(device).eval()
-    head.to(device).eval()
-    data = folder_data(
-        data_dir,
-        adapter.meta.class_names,
-        net,
-        image_size or adapter.meta.train_config.get("image_size"),
-        batch_size,
-        num_workers,
-    )
-    encode = cast(Any, net).encode_image
-    preds, labels = predictions(data.loader, lambda x: {"task": head(encode(x).float())}, device)
+    model = load_task_model(settings, task, version, alias, device)
+    record, meta = model.record, model.adapter.meta
+    size = image_size or meta.train_config.get("image_size")
+    data = folder_data(data_dir, meta.class_names, model.net, size, batch_size, num_workers)
+    preds, labels = predictions(data.loader, lambda x: {"task": model.logits(x)}, device)
     return {
         "task": record.task,
         "version": record.version,
@@ -152,11 +174,6 @@ def evaluate_adapter(
 
 def zero_shot_warning(model: str, pretrained: str) -> str | None:
     """Why zero-shot accuracy is meaningless for this base, if it is."""
-    if (model, pretrained) == EFFLITE0:
-        return (
-            f"{model}/{pretrained} has a random text tower (only its image tower is pretrained): "
-            "its zero-shot accuracy is chance level"
-        )
     if pretrained == "random":
         return (
             f"{model}/{pretrained} is randomly initialised: its zero-shot accuracy is chance level"
@@ -182,9 +199,8 @@ def evaluate_zero_shot(
         print(f"deltaclip: warning: {warning}", file=sys.stderr)
     net = build_base(model, pretrained, device)
     data = folder_data(data_dir, None, net, image_size, batch_size, num_workers)
-    teacher = TextHead(
-        text_embeddings(net, model, data.class_names, template), logit_scale_of(net)
-    ).to(device)
+    emb = class_embeddings(net, model, pretrained, data.class_names, template)
+    teacher = TextHead(emb, logit_scale_of(net)).to(device)
     encode = cast(Any, net).encode_image
     preds, labels = predictions(data.loader, lambda x: {"text": teacher(encode(x))}, device)
     return {

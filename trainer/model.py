@@ -2,14 +2,14 @@
 
 Image features are ``model.encode_image(x)``: the *unnormalised* projected embedding, which the
 task head (``adapters_store.head.TaskHead``) normalises itself with BatchNorm and LayerNorm. The
-teacher is ``g(z) = exp(logit_scale)·cos(z, t_k)`` with ``t_k`` the L2-normalised embedding of
-one prompt per class from the frozen text tower, computed once. Only the image tower and the task
+teacher is ``g(z) = exp(logit_scale)·cos(z, t_k)`` with ``t_k`` the base's L2-normalised class
+embedding (``adapters_store.zeroshot.class_embeddings``: a prompt through the frozen text tower, or
+the default base's WordNet head), computed once. Only the image tower and the task
 head are trained; ``logit_scale`` and the text tower stay frozen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -47,30 +47,6 @@ def tower_kind(net: nn.Module) -> str:
     if "resnet" in name or "convnext" in name:
         return "conv"
     return "vit"
-
-
-def prompts(class_names: Sequence[str], template: str) -> list[str]:
-    """One prompt per class, e.g. ``"a photo of a alarm clock."`` for ``"a photo of a {name}."``."""
-    return [template.format(name=name) for name in class_names]
-
-
-@torch.no_grad()
-def text_embeddings(
-    net: nn.Module, model_name: str, class_names: Sequence[str], template: str
-) -> torch.Tensor:
-    """``[C, D]`` L2-normalised prompt embeddings from the frozen text tower, on ``net``'s device."""
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(model_name)
-    device = next(net.parameters()).device
-    tokens = tokenizer(prompts(class_names, template)).to(device)
-    was_training = net.training
-    net.eval()
-    out = []
-    for chunk in tokens.split(256):
-        out.append(cast(Any, net).encode_text(chunk, normalize=True).float())
-    net.train(was_training)
-    return F.normalize(torch.cat(out), dim=1)
 
 
 class TextHead(nn.Module):

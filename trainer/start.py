@@ -21,6 +21,7 @@ from adapters_store.bases import build_base, signature_of
 from adapters_store.config import StoreSettings
 from adapters_store.names import check_name
 from adapters_store.registry import Registry
+from adapters_store.zeroshot import class_embeddings, label_mappings, uses_wordnet
 
 from .checkpoint import check_compatible, load_checkpoint, set_rng_state
 from .config import RunOptions, TrainConfig
@@ -28,7 +29,7 @@ from .data import ImageDataset, class_order, labelled, scan_domain
 from .distributed import from_environment, rank_device
 from .errors import TrainError
 from .loaders import default_workers, eval_loader, paired_loader
-from .model import logit_scale_of, text_embeddings, tower_kind
+from .model import logit_scale_of, tower_kind
 from .run import Plan, Run, TrainLog
 from .runtime import resolve_device, seed_everything
 from .session import Session
@@ -72,6 +73,8 @@ def plan_run(config: TrainConfig, options: RunOptions, settings: StoreSettings) 
     )
     source, target = scan_domain(config.source), scan_domain(config.target)
     class_names = class_order(source, target)
+    if uses_wordnet(config.base_model, config.base_pretrained):
+        label_mappings(class_names)  # UnmappedLabel names every class the teacher cannot place
     if options.register:  # fail now, not after hours of training, if the catalog is unusable
         Registry.from_settings(settings).close()
     ranks = from_environment()
@@ -120,7 +123,9 @@ def start_run(plan: Plan) -> Run:
     if cfg.amp and device.type != "cuda":
         raise TrainError("mixed precision (--amp) is only supported on CUDA devices")
     net = net.to(device)
-    emb = text_embeddings(net, cfg.base_model, plan.class_names, cfg.prompt_template)
+    emb = class_embeddings(
+        net, cfg.base_model, cfg.base_pretrained, plan.class_names, cfg.prompt_template
+    )
     session = Session(cfg, net, emb, logit_scale_of(net), device)
     history: list[dict[str, Any]] = []
     sums: dict[str, float] = {}

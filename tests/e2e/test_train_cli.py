@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.synthetic_domains import make_domains
+from tests.synthetic_domains import WORDNET_SHAPES, make_domains
 
 
 def run(home: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -39,7 +39,7 @@ def test_train_help_lists_the_options(tmp_path: Path) -> None:
 
 
 def test_train_then_eval_through_the_console_script(tmp_path: Path) -> None:
-    day, night = make_domains(tmp_path / "data", per_class=3, size=32)
+    day, night = make_domains(tmp_path / "data", per_class=3, size=32, classes=WORDNET_SHAPES)
     home = tmp_path / "home"
     run(home, "db", "upgrade")
     out = run(

