@@ -179,3 +179,33 @@ def live_server(server_settings):  # type: ignore[no-untyped-def]
     yield url
     server.should_exit = True
     thread.join(10)
+
+
+def app_routes(app) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """Every ``(METHOD, path template)`` the app answers, walked from ``app.routes``.
+
+    Not from the OpenAPI schema, which leaves out routes registered with
+    ``include_in_schema=False``. FastAPI keeps included routers unflattened in ``app.routes``
+    (each resolves its routes through ``effective_route_contexts``); a mounted app is walked
+    with its prefix; any other kind of route fails the walk rather than being skipped.
+    """
+    from starlette.routing import Mount, Route
+
+    found: list[tuple[str, str]] = []
+
+    def walk(routes, prefix: str) -> None:  # type: ignore[no-untyped-def]
+        for route in routes:
+            if hasattr(route, "effective_route_contexts"):
+                for ctx in route.effective_route_contexts():
+                    methods = getattr(ctx.original_route, "methods", None)
+                    assert methods, f"route {ctx.path} has no methods: {ctx.original_route!r}"
+                    found.extend((m, prefix + ctx.path) for m in methods)
+            elif isinstance(route, Mount):
+                walk(route.routes, prefix + route.path)
+            elif isinstance(route, Route) and route.methods:
+                found.extend((m, prefix + route.path) for m in route.methods)
+            else:
+                raise AssertionError(f"cannot walk route {route!r}")
+
+    walk(app.routes, "")
+    return sorted(set(found))

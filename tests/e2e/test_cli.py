@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -124,10 +126,36 @@ def test_base_info_prints_json(tmp_path: Path) -> None:
     )
 
 
-def test_help_for_every_command() -> None:
+def subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command under ``parser``, depth first: its words and its parser."""
+    for action in parser._actions:  # argparse has no public way to list subparsers
+        if isinstance(action.choices, dict):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from subcommands(sub, (*path, name))
+
+
+def test_help_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     from adapters_store.cli import build_parser
 
-    parser = build_parser()
-    with pytest.raises(SystemExit) as exc:
-        parser.parse_args(["--help"])
-    assert exc.value.code == 0
+    root = build_parser()
+    commands = [((), root), *subcommands(root)]
+    words = {path for path, _ in commands}
+    assert {("db", "upgrade"), ("base", "info"), ("adapters", "register"), ("adapters", "fsck"),
+            ("adapters", "import-finetune"), ("train",), ("eval",), ("serve",), ("demo",)} <= words  # fmt: skip
+    for path, parser in commands:
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([*path, "--help"])
+        assert exc.value.code == 0, path
+        out = capsys.readouterr().out
+        assert out.startswith("usage: " + " ".join(("deltaclip", *path))), (path, out[:200])
+        for action in parser._actions:  # every flag, argument and subcommand is in its help
+            if action.help == argparse.SUPPRESS:
+                continue
+            shown = action.option_strings or [str(action.metavar or action.dest)]
+            if isinstance(action.choices, dict) and action.metavar is None:
+                shown = list(action.choices)
+            for text in shown:
+                assert str(text) in out, (path, text)

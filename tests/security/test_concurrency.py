@@ -130,12 +130,48 @@ def _slow_engine(client: TestClient, delay: float) -> None:
     engine.run = slow
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One request of a client loop: its URL, when it was sent and answered, and the answer."""
+
+    url: str
+    start: float
+    end: float
+    status: int
+    body: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Window:
+    """When an admin call was made (``time.monotonic()`` before it and after its answer)."""
+
+    start: float = 0.0
+    end: float = 0.0
+
+    def before(self, answer: Answer) -> bool:
+        """The call had returned when the request was sent: the request saw its effect."""
+        return self.end < answer.start
+
+    def after(self, answer: Answer) -> bool:
+        """The request was answered before the call began: it cannot have seen the effect."""
+        return answer.end < self.start
+
+
+def timed(window: Window, call: Any) -> Any:
+    window.start = time.monotonic()
+    out = call()
+    window.end = time.monotonic()
+    return out
+
+
 def test_delete_and_replace_while_requests_are_in_flight(
     api: TestClient, store: Any, tiny: Tiny
 ) -> None:
     """Requests for task ``t`` run while its version 1 is replaced by version 2 (other classes),
     the alias moves, version 1 is deleted and the blobs are garbage-collected. Every answer is
-    a 200 from a version that existed, with that version's digest and labels, or a 404."""
+    a 200 from the version its request must resolve to at that moment (by when it was sent and
+    answered), with that version's digest and labels, or the 404 of a version or alias that did
+    not exist then; a client loop that fails fails the test."""
     classes = {1: ["cat", "dog", "bird"], 2: ["sketch", "photo", "painting", "clipart"]}
     other_classes = ["red", "green", "blue"]
     v1 = encode_adapter(random_adapter(*tiny, "t", seed=1, class_names=classes[1]))
@@ -148,44 +184,69 @@ def test_delete_and_replace_while_requests_are_in_flight(
     _slow_engine(api, 0.01)
     png = {"content": png_bytes(0), "headers": {"content-type": "image/png"}}
     stop = threading.Event()
-    answers: list[tuple[str, int, dict[str, Any]]] = []
+    answers: list[Answer] = []
 
     def client_loop(url: str) -> None:
         while not stop.is_set():
+            start = time.monotonic()
             r = api.post(url, **png)
-            answers.append((url, r.status_code, r.json()))
+            answers.append(Answer(url, start, time.monotonic(), r.status_code, r.json()))
 
+    alias1, alias2, delete = Window(), Window(), Window()
     urls = ["/predict?task=t", "/predict?task=t&version=1", "/predict?task=t&alias=production", "/predict?task=other"]  # fmt: skip
     with ThreadPoolExecutor(8) as pool:
-        for i in range(8):
-            pool.submit(client_loop, urls[i % len(urls)])
-        time.sleep(0.5)
-        api.put("/admin/adapters/t/aliases/production", json={"version": 1}, headers=ADMIN)
-        r = api.post("/admin/adapters", files={"file": ("a", v2)}, headers=ADMIN)
-        digests["t", 2] = r.json()["digest"]
-        time.sleep(0.3)
-        assert api.put("/admin/adapters/t/aliases/production", json={"version": 2}, headers=ADMIN).status_code == 200  # fmt: skip
-        time.sleep(0.3)
-        assert api.delete("/admin/adapters/t/versions/1", headers=ADMIN).status_code == 200
-        assert api.post("/predict?task=t&version=1", **png).status_code == 404
-        reg = Registry(Catalog(store.resolved_database_url), BlobStore(store.blob_root))
-        assert reg.gc(grace_seconds=0) == [digests["t", 1]]
-        reg.close()
-        time.sleep(0.5)
-        stop.set()
+        loops = [pool.submit(client_loop, urls[i % len(urls)]) for i in range(8)]
+        try:
+            time.sleep(0.5)
+            r = timed(alias1, lambda: api.put("/admin/adapters/t/aliases/production", json={"version": 1}, headers=ADMIN))  # fmt: skip
+            assert r.status_code == 200
+            r = api.post("/admin/adapters", files={"file": ("a", v2)}, headers=ADMIN)
+            digests["t", 2] = r.json()["digest"]
+            time.sleep(0.3)
+            r = timed(alias2, lambda: api.put("/admin/adapters/t/aliases/production", json={"version": 2}, headers=ADMIN))  # fmt: skip
+            assert r.status_code == 200
+            time.sleep(0.3)
+            r = timed(delete, lambda: api.delete("/admin/adapters/t/versions/1", headers=ADMIN))
+            assert r.status_code == 200
+            assert api.post("/predict?task=t&version=1", **png).status_code == 404
+            reg = Registry(Catalog(store.resolved_database_url), BlobStore(store.blob_root))
+            assert reg.gc(grace_seconds=0) == [digests["t", 1]]
+            reg.close()
+            delete.end = time.monotonic()  # the deletion is over once the blob is gone too
+            time.sleep(0.5)
+        finally:
+            stop.set()
+        for loop in loops:
+            loop.result()  # a client loop's exception (a non-JSON body, say) fails the test
     assert len(answers) > 50
     by_digest = {d: k for k, d in digests.items()}
-    for url, status, body in answers:
-        assert status in (200, 404), (url, status, body)
-        if status == 404:
-            assert "version=1" in url or "task=t" in url, (url, body)
+    seen: set[tuple[str, int]] = set()  # (url, version answered), or (url, 404)
+    for a in answers:
+        if a.status == 404:
+            if "version=1" in a.url:  # only once its deletion had begun (row, then blob, gone)
+                assert not delete.after(a), a
+                assert a.body["error"]["code"] in ("adapter_not_found", "blob_not_found"), a
+            else:  # the alias before it was first set; nothing else ever goes missing
+                assert "alias=production" in a.url and not alias1.before(a), a
+                assert a.body["error"]["code"] == "adapter_not_found", a
+            seen.add((a.url, 404))
             continue
-        task, version = by_digest[body["digest"]]
-        assert (body["task"], body["version"]) == (task, version), body
-        labels = {p["label"] for p in body["predictions"][0]}
-        assert labels <= set(other_classes if task == "other" else classes[version]), body
-        if "task=other" in url:
-            assert task == "other"
+        assert a.status == 200, a
+        task, version = by_digest[a.body["digest"]]
+        assert (a.body["task"], a.body["version"]) == (task, version), a
+        labels = {p["label"] for p in a.body["predictions"][0]}
+        assert labels <= set(other_classes if task == "other" else classes[version]), a
+        seen.add((a.url, version))
+        if "task=other" in a.url:
+            assert task == "other", a
+        elif "version=1" in a.url:
+            assert version == 1 and not delete.before(a), a
+        elif alias2.before(a):  # the alias (and the default) already pointed at version 2
+            assert version == 2, a
+        elif alias2.after(a):
+            assert version == 1, a
+    assert {(urls[0], 1), (urls[0], 2), (urls[1], 1), (urls[2], 2), (urls[3], 1)} <= seen
+    assert {(urls[1], 404), (urls[2], 404)} <= seen  # after the delete; before the alias
     assert api.post("/predict?task=t", **png).json()["version"] == 2
     assert api.get("/base").json()["unchanged"]
 
