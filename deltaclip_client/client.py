@@ -243,6 +243,10 @@ class Client:
 
     # ----------------------------------------------------------------------------------- health
 
+    def health(self) -> dict[str, Any]:
+        """``/healthz``: ``{"status": "ok"}`` while the process runs; a quick reachability probe."""
+        return self._json("GET", "/healthz")
+
     def wait_ready(self, timeout: float = 120.0, poll: float = 0.25) -> dict[str, Any]:
         """Wait until ``/readyz`` answers 200 (the base loaded); its answer.
 

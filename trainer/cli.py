@@ -12,11 +12,15 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters_store.config import StoreSettings
 
 from .config import DEFAULT_TEMPLATE, METHODS, RESIDUAL_DTYPES, RunOptions, TrainConfig
+from .errors import TrainError
+
+if TYPE_CHECKING:
+    from deltaclip_client import Registration
 
 _DEFAULTS = TrainConfig(source="", target="", task="")
 
@@ -110,7 +114,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--keep-checkpoint", action="store_true")
     out.add_argument("--eval-every", type=int, default=1, help="epochs between target evaluations")
-    out.add_argument("--no-register", action="store_true", help="only write the adapter file")
+    where = out.add_mutually_exclusive_group()
+    where.add_argument("--no-register", action="store_true", help="only write the adapter file")
+    where.add_argument(
+        "--push",
+        metavar="URL",
+        help="register on this server (its admin API) instead of the local catalog",
+    )
+    out.add_argument(
+        "--token-file",
+        type=Path,
+        help="--push's admin token file (default: $DELTACLIP_ADMIN_TOKEN)",
+    )
     out.add_argument("--alias", help="alias to point at the registered version")
     out.add_argument("--created-at", help=argparse.SUPPRESS)
     out.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
@@ -137,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions,
     cfg.validate()
     options = RunOptions(
         output=args.output, run_dir=args.run_dir, resume=args.resume, restart=args.restart,
-        register=not args.no_register, alias=args.alias, num_workers=args.workers,
+        register=not (args.no_register or args.push), alias=args.alias, num_workers=args.workers,
         threads=args.threads,
         device=args.device, progress=False if args.no_progress else None,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
@@ -151,19 +166,64 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from .loop import train
 
     cfg, options, settings = config_from_args(args)
+    token = (
+        push_token(args.push, args.token_file) if args.push else None
+    )  # before, not after, a run
     result = train(cfg, options, settings)
     if result.adapter_path is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return {}
     reg = result.registration
+    version, digest = (reg.record.version, reg.record.digest) if reg else (None, None)
+    if args.push and token:
+        pushed = push_adapter(result.adapter_path, args.push, token, args.alias)
+        version, digest = pushed.version, pushed.digest
     return {
         "task": cfg.task,
         "adapter_path": str(result.adapter_path),
         "log_path": str(result.log_path),
-        "version": reg.record.version if reg else None,
-        "digest": reg.record.digest if reg else None,
+        "server": args.push,
+        "version": version,
+        "digest": digest,
         "method": result.config.method_name,
         **result.metrics,
     }
+
+
+def push_token(url: str, token_file: Path | None) -> str:
+    """The admin token for ``--push``, and a reachable server, checked before training starts.
+
+    Raises:
+        TrainError: no token, or ``url`` does not answer (so no run is wasted on a typo).
+    """
+    from deltaclip_client import Client, ClientError
+    from deltaclip_client.command import admin_token
+
+    try:
+        token = admin_token(token_file)
+        with Client(url, retries=0, timeout=10) as client:
+            client.health()
+    except ClientError as exc:
+        raise TrainError(f"--push {url}: {exc}") from None
+    return token
+
+
+def push_adapter(path: Path, url: str, token: str, alias: str | None) -> Registration:
+    """Register the written adapter on the server at ``url`` (the trainer's remote registration).
+
+    Raises:
+        TrainError: the server refused it or could not be reached; the message says how to push
+            the file (which is kept) later.
+    """
+    from deltaclip_client import ClientError
+    from deltaclip_client.command import push
+
+    try:
+        return push(path, url, token, alias)
+    except ClientError as exc:
+        raise TrainError(
+            f"wrote {path} but could not push it to {url} ({exc}); "
+            f"push it later with `deltaclip adapters push {path} --server {url}`"
+        ) from exc
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -176,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"wrote {out['adapter_path']}: {out['nnz']} weights changed ({out['density']:.4%})")
     if out["version"] is not None:
-        print(f"registered: {out['task']} v{out['version']} ({out['digest']})")
+        where = f" on {out['server']}" if out["server"] else ""
+        print(f"registered{where}: {out['task']} v{out['version']} ({out['digest']})")
     print(
         f"target accuracy {out['target_accuracy']:.2%} "
         f"(text head {out['target_teacher_accuracy']:.2%}); log: {out['log_path']}"
@@ -260,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Entry point of the ``deltaclip.commands`` group: adds ``train`` and ``eval``."""
+    """Entry point of the ``deltaclip.commands`` group: adds ``train``, ``eval`` and ``predict``."""
     p = subparsers.add_parser(
         "train",
         help="train a task with CMKD + RST and register its adapter",
@@ -278,6 +339,9 @@ def register(subparsers: Any) -> None:
     )
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+    from .predict import add_predict_parser
+
+    add_predict_parser(subparsers)
 
 
 def build_train_parser() -> argparse.ArgumentParser:
