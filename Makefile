@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages, installed when missing and we can (root with apt-get); otherwise named, and
-# the run goes on. The demo's real images come from dataset-fashion-mnist. The tests also drive
-# the catalog page in Chromium (chromium, chromium-driver), route replicas through nginx, check
-# docker-compose.yml with docker-compose, and compare the shipped WordNet table with wordnet-base.
+# Debian packages, installed when missing and we can (root with apt-get); otherwise, or when
+# the install fails, named, and the run goes on. The demo's real images come from
+# dataset-fashion-mnist. The tests also drive the catalog page in Chromium (chromium,
+# chromium-driver), route replicas through nginx, check docker-compose.yml with docker-compose,
+# and compare the shipped WordNet table with wordnet-base.
 DEMO_DEBS := dataset-fashion-mnist
 TEST_DEBS := $(DEMO_DEBS) chromium chromium-driver nginx docker-compose wordnet-base
 define install_debs
@@ -28,7 +29,8 @@ define install_debs
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+	    >/dev/null; } || echo "could not install $$missing: what needs them will fail"; \
 	else echo "missing Debian packages (install them as root): $$missing"; fi
 endef
 
