@@ -7,7 +7,8 @@
    each task and print what came back and the accuracy;
 4. leave the server running, with the catalog page URL and a ``curl`` line to copy.
 
-The trainer never imports the server: the demo talks to it over HTTP, like any client.
+The trainer never imports the server: the demo talks to it over HTTP with ``deltaclip_client``,
+like any client.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from adapters_store.basenames import EFFLITE0
 
 if TYPE_CHECKING:
     from adapters_store.config import StoreSettings
+    from deltaclip_client import Client
 
 # The command line loads this module to list commands: everything heavy is imported on use.
 BATCH = 16
@@ -56,20 +58,22 @@ def _start_server(
         )  # fmt: skip
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    import httpx
+def _wait_ready(
+    client: Client, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> None:
+    from deltaclip_client import ClientError
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited (status {proc.returncode}); see {log}")
+    while proc.poll() is None:
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server did not become ready within {timeout:.0f}s; see {log}")
+            client.wait_ready(timeout=1.0)
+            return
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the server did not become ready within {timeout:.0f}s; see {log}"
+                ) from None
+    raise RuntimeError(f"the server exited (status {proc.returncode}); see {log}")
 
 
 def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
@@ -79,28 +83,26 @@ def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
             for p in sorted(cls.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
 
 
-def check_task(url: str, task: str, folder: Path) -> dict[str, Any]:
-    """Send every image of ``folder`` to ``/predict?task=`` and score the answers."""
-    import httpx
+def check_task(client: Client, task: str, folder: Path) -> dict[str, Any]:
+    """Send every image of ``folder`` to the server's ``/predict`` for ``task`` and score the
+    answers (batches of ``BATCH`` images per request)."""
     from tqdm import tqdm
+
+    from deltaclip_client import Label
 
     images = _labelled_images(folder)
     correct, answered_by = 0, ""
-    examples: list[tuple[str, str, list[dict[str, Any]]]] = []
-    with httpx.Client(base_url=url, timeout=120) as client:
-        for start in tqdm(
-            range(0, len(images), BATCH), desc=f"      /predict {task}", unit="req", leave=False
-        ):
-            chunk = images[start : start + BATCH]
-            files = [("file", (p.name, p.read_bytes(), "image/png")) for p, _ in chunk]
-            r = client.post("/predict", params={"task": task, "top_k": 3}, files=files)
-            r.raise_for_status()
-            body = r.json()
-            answered_by = f"v{body['version']} ({body['digest'][:12]}…)"
-            for (path, label), preds in zip(chunk, body["predictions"], strict=True):
-                correct += preds[0]["label"] == label
-                if len(examples) < 3:
-                    examples.append((path.parent.name + "/" + path.name, label, preds))
+    examples: list[tuple[str, str, list[Label]]] = []
+    for start in tqdm(
+        range(0, len(images), BATCH), desc=f"      /predict {task}", unit="req", leave=False
+    ):
+        chunk = images[start : start + BATCH]
+        answer = client.predict(task, *(p for p, _ in chunk), top_k=3)
+        answered_by = f"v{answer.version} ({answer.digest[:12]}…)"
+        for (path, label), preds in zip(chunk, answer.labels, strict=True):
+            correct += preds[0].label == label
+            if len(examples) < 3:
+                examples.append((path.parent.name + "/" + path.name, label, preds))
     return {
         "accuracy": correct / len(images),
         "images": len(images),
@@ -162,29 +164,33 @@ def run_demo(args: argparse.Namespace) -> int:
     token = os.environ.get("DELTACLIP_ADMIN_TOKEN") or secrets.token_urlsafe(16)
     log = home / "demo-server.log"
     print(f"[4/5] starting the server: deltaclip serve --port {port} (log: {log})")
+    from deltaclip_client import Client
+
     proc = _start_server(settings, port, token, log)
+    client = Client(url, token=token, timeout=120)
     try:
-        _wait_ready(url, proc, log)
+        _wait_ready(client, proc, log)
         print(
             f"[5/5] asking the server about held-out target images ({args.test_per_class} per class):"
         )
         for task in trained:
             shift = task.removeprefix("photo2")
-            result = check_task(url, task, folders[f"test-{shift}"])
+            result = check_task(client, task, folders[f"test-{shift}"])
             print(
                 f"      {task} {result['adapter']}: accuracy {result['accuracy']:.1%} on {result['images']} images"
             )
             for name, label, preds in result["examples"]:
-                top = ", ".join(f"{p['label']} {p['score']:.2f}" for p in preds)
+                top = ", ".join(f"{p.label} {p.score:.2f}" for p in preds)
                 print(f"        {name:<28} true: {label:<12} answer: {top}")
         print(f"done in {time.monotonic() - started:.0f}s.")
         print(f"\nThe server is running at {url}")
         print(f"  catalog page:  {url}/catalog")
         print(f"  API docs:      {url}/docs")
         example = next(iter(_labelled_images(folders[f"test-{args.shifts[0]}"])))[0]
-        print(
-            f'  try:  curl -F file=@{example} "{url}/predict?task=photo2{args.shifts[0]}&top_k=3"'
-        )
+        ask = f"{url}/predict?task=photo2{args.shifts[0]}&top_k=3"
+        print(f'  try:  curl -F file=@{example} "{ask}"')
+        print(f'   or:  curl --data-binary @{example} "{ask}"')
+        print(f"   or:  deltaclip predict --task photo2{args.shifts[0]} --server {url} {example}")
         print(f"  admin token for /admin/*: {token}")
         if args.no_wait:
             return 0
@@ -195,6 +201,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\nstopping the server")
         return 0
     finally:
+        client.close()
         if proc.poll() is None:
             proc.terminate()
             try:
