@@ -11,6 +11,11 @@ No job waits for one that arrived after its round was taken.
 
 At most ``queue_size`` jobs wait (queued or in the worker's current round, not yet run); one more
 is refused at once (503), and jobs whose caller gave up (504) are skipped.
+
+With ``fixed_batch`` (the server's deterministic mode) every forward pass has exactly that many
+images, the rest padded with zeros: kernels pick their algorithm and reduction order by shape, so
+a varying batch size changes an image's float rounding with its batch companions; at one fixed
+shape an image's answer depends on its pixels only (docs/API.md says what is bit-identical).
 """
 
 from __future__ import annotations
@@ -71,8 +76,10 @@ class Batcher:
         queue_size: int,
         metrics: Metrics,
         current_key: Callable[[], Hashable] = lambda: None,
+        fixed_batch: int | None = None,
     ) -> None:
         self.max_batch = max_batch
+        self.fixed_batch = fixed_batch
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self._queue: queue.Queue[Job | _Call | None] = queue.Queue()
@@ -207,7 +214,7 @@ class Batcher:
         images = torch.cat([j.images for j in chunk]) if len(chunk) > 1 else chunk[0].images
         self._metrics.batch_size.observe(images.shape[0])
         try:
-            out = chunk[0].fn(images)
+            out = self._forward(chunk[0].fn, images)
         except BaseException as exc:
             for job in chunk:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
@@ -217,3 +224,17 @@ class Batcher:
             n = job.images.shape[0]
             job.loop.call_soon_threadsafe(_resolve, job.future, out[start : start + n])
             start += n
+
+    def _forward(self, fn: BatchFn, images: torch.Tensor) -> torch.Tensor:
+        """``fn(images)``, or with ``fixed_batch`` in passes of exactly that shape (zero-padded)."""
+        size = self.fixed_batch
+        if size is None:
+            return fn(images)
+        outs = []
+        for start in range(0, images.shape[0], size):
+            part = images[start : start + size]
+            n = part.shape[0]
+            if n < size:
+                part = torch.cat([part, part.new_zeros((size - n, *part.shape[1:]))])
+            outs.append(fn(part)[:n])
+        return torch.cat(outs)

@@ -73,9 +73,9 @@ class Runtime:
         limits = ImageLimits(s.max_images, s.max_image_pixels, s.max_request_pixels)
         self.images = Preprocessor(engine.transforms, limits)
         self.cache = AdapterCache(AdapterLoader(self.registry, engine), s.cache_bytes, self.metrics)
-        batcher = Batcher(
-            s.max_batch, s.max_wait_ms / 1000, s.queue_size, self.metrics, self._current_key
-        )
+        fixed = s.max_batch if s.deterministic else None  # deterministic: one forward shape
+        batcher = Batcher(s.max_batch, s.max_wait_ms / 1000, s.queue_size, self.metrics,
+                          self._current_key, fixed)  # fmt: skip
         batcher.start()
         for task in s.pin:
             try:

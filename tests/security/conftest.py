@@ -11,10 +11,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from adapters_store.bases import TINY
 from adapters_store.catalog import upgrade
+from adapters_store.config import StoreSettings
 from server.main import create_app
 from tests.conftest import wait_ready
 from tests.security.helpers import store_settings
+from tests.synthetic_domains import make_domains
+from trainer.config import RunOptions, TrainConfig
+from trainer.loop import train
 
 
 @contextlib.contextmanager
@@ -39,3 +44,22 @@ def api(store: Any) -> Iterator[TestClient]:
     production does) instead of raising them into the test."""
     with serving(store) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real adapter: CMKD + RST on the tiny base over synthetic day/night shapes."""
+    root = tmp_path_factory.mktemp("trained")
+    source, target = make_domains(root / "data", per_class=4, size=32)
+    cfg = TrainConfig(
+        source=str(source), target=str(target), task="shapes", base_model=TINY[0],
+        base_pretrained=TINY[1], epochs=1, iters_per_epoch=3, batch_size=4, lr=1e-4,
+        head_lr_mult=100.0, tau=1e-6, max_density=0.05,
+    )  # fmt: skip
+    options = RunOptions(
+        output=root / "a.safetensors", run_dir=root / "run", register=False, num_workers=0,
+        threads=1, progress=False, created_at="2025-01-01T00:00:00Z",
+    )  # fmt: skip
+    path = train(cfg, options, StoreSettings(home=root / "home")).adapter_path
+    assert path is not None
+    return path.read_bytes()

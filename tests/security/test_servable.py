@@ -20,38 +20,15 @@ from adapters_store.adapter import Adapter, Residual
 from adapters_store.bases import TINY, BaseSignature
 from adapters_store.blobs import sha256_hex
 from adapters_store.catalog import upgrade
-from adapters_store.config import StoreSettings
 from adapters_store.format.codec import decode_adapter, encode_adapter
 from adapters_store.format.servable import SERVABLE_RULES
 from adapters_store.registry import Registry
 from tests.conftest import png_bytes
 from tests.security.conftest import serving
 from tests.security.helpers import ADMIN, files_under, store_settings
-from tests.synthetic_domains import make_domains
-from trainer.config import RunOptions, TrainConfig
-from trainer.loop import train
 
 Tiny = tuple[nn.Module, BaseSignature]
 IMAGES = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A real adapter: CMKD + RST on the tiny base over synthetic day/night shapes."""
-    root = tmp_path_factory.mktemp("trained")
-    source, target = make_domains(root / "data", per_class=4, size=32)
-    cfg = TrainConfig(
-        source=str(source), target=str(target), task="shapes", base_model=TINY[0],
-        base_pretrained=TINY[1], epochs=1, iters_per_epoch=3, batch_size=4, lr=1e-4,
-        head_lr_mult=100.0, tau=1e-6, max_density=0.05,
-    )  # fmt: skip
-    options = RunOptions(
-        output=root / "a.safetensors", run_dir=root / "run", register=False, num_workers=0,
-        threads=1, progress=False, created_at="2025-01-01T00:00:00Z",
-    )  # fmt: skip
-    path = train(cfg, options, StoreSettings(home=root / "home")).adapter_path
-    assert path is not None
-    return path.read_bytes()
 
 
 def _meta(**change: Any) -> Callable[[Adapter, Tiny], None]:
