@@ -19,8 +19,13 @@ QUESTIONS = {
     "storage": ("bench.storage", "bytes per changed weight: file sizes, reference format, memory"),
     "http": ("bench.http_load", "HTTP vs in-process, throughput by requests in flight, many tasks"),
     "catalog": ("bench.catalog", "catalog list/filter latency with many registered adapters"),
+    "determinism": ("bench.determinism", "throughput cost of the deterministic (padded) mode"),
     "accuracy": ("bench.accuracy", "target accuracy against stored bytes per task (RST study)"),
     "rst_overhead": ("bench.rst_overhead", "training-step time of RST against plain fine-tuning"),
+    "zeroshot": (
+        "bench.zeroshot",
+        "the default base's WordNet text side: embedding variants, scale",
+    ),
     "plots": ("bench.plots", "PNG plots and Markdown tables from result files"),
 }
 

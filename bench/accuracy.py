@@ -84,6 +84,8 @@ def settings_for(
         # CMKD's edge over source-only here comes from the target terms or from the teacher.
         Setting("cmkd-ft-no-target", "CMKD FT, λ1=λ3=0 (no target terms)", "ablation", "cmkd", 0.0,
                 extra=("--lambda1", "0", "--lambda3", "0")),
+        Setting("cmkd-fixmatch-ft", "CMKD+FixMatch FT (τ=0)", "CMKD+FixMatch FT", "cmkd", 0.0,
+                extra=("--fixmatch",)),
     ]  # fmt: skip
     rows += [
         Setting(f"cmkd-rst-tau-{t:g}", f"CMKD+RST τ={t:g}", "CMKD+RST τ", "cmkd", t) for t in taus
@@ -113,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="image-tower lr, every method")
     p.add_argument("--head-lr", type=float, default=3e-3, help="task-head lr, every method")
-    p.add_argument("--taus", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
+    p.add_argument("--taus", type=float, nargs="*", default=[3e-5, 1e-4, 3e-4])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.0005, 0.001, 0.0025, 0.005, 0.01])
     p.add_argument("--budget-tau", type=float, default=3e-5,
                    help="τ under the --max-density runs (small enough that the budget is what binds; "
@@ -164,6 +166,17 @@ class HeldOut:
         out = report(preds["task"], labels, data.class_names)
         head_bytes = sum(t.numel() * t.element_size() for t in adapter.head.values())
         return {"accuracy": out["accuracy"], "images": out["images"], "head_bytes": head_bytes}
+
+
+def teacher_accuracy(folder: Path, image_size: int) -> dict[str, Any]:
+    """Zero-shot accuracy of the base's text side (the CMKD teacher) on a held-out folder."""
+    from adapters_store.zeroshot import DEFAULT_TEMPLATE
+    from trainer.evaluate import evaluate_zero_shot
+
+    out = evaluate_zero_shot(*EFFLITE0, folder, template=DEFAULT_TEMPLATE, num_workers=0,
+                             image_size=image_size)  # fmt: skip
+    return {"accuracy": out["accuracy"], "images": out["images"],
+            "per_class_accuracy": out["per_class_accuracy"]}  # fmt: skip
 
 
 def train_argv(args: argparse.Namespace, s: Setting, folders: dict[str, Path], shift: str,
@@ -251,6 +264,11 @@ def run_study(args: argparse.Namespace, data: dict[str, Any], save: Any) -> None
     data["images"] = origin
     held_out = HeldOut(args.image_size)
     code = code_version()
+    teacher = data.setdefault("teacher", {})
+    for shift in args.shifts:  # the base's zero-shot answer: CMKD's teacher before training
+        if shift not in teacher:
+            teacher[shift] = teacher_accuracy(folders[f"test-{shift}"], args.image_size)
+            save()
     settings = settings_for(args.taus, args.budgets, args.budget_tau, args.block_sizes)
     todo = [(shift, s) for shift in args.shifts for s in settings]
     started = time.perf_counter()
@@ -267,6 +285,7 @@ def run_study(args: argparse.Namespace, data: dict[str, Any], save: Any) -> None
               f"density {row['density']:.4%}, {row['stored_bytes']:,} B, {row['train_seconds']:.0f}s "
               f"(elapsed {time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
     data["settings"] = [asdict(s) for s in settings]
+    save()
 
 
 def run(args: argparse.Namespace, result: Result) -> None:

@@ -192,10 +192,11 @@ def verdict_text(data: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 COLOURS = {"linear probe": "tab:gray", "source-only FT": "tab:orange", "CMKD FT": "tab:red",
-           "ablation": "tab:purple", "CMKD+RST τ": "tab:blue", "CMKD+RST budget": "tab:green",
-           "CMKD+RST budget B=2": "tab:olive", "CMKD+RST budget B=4": "tab:cyan",
+           "ablation": "tab:purple", "CMKD+FixMatch FT": "tab:olive", "CMKD+RST τ": "tab:blue", "CMKD+RST budget": "tab:green",
+           "CMKD+RST budget B=2": "black", "CMKD+RST budget B=4": "tab:cyan",
            "CMKD+RST budget B=8": "tab:pink", "CMKD+RST budget B=16": "tab:brown"}  # fmt: skip
 MARKERS = {"linear probe": "s", "source-only FT": "D", "CMKD FT": "*", "ablation": "P",
+           "CMKD+FixMatch FT": "h",
            "CMKD+RST τ": "o", "CMKD+RST budget": "^", "CMKD+RST budget B=2": "<",
            "CMKD+RST budget B=4": "v", "CMKD+RST budget B=8": ">", "CMKD+RST budget B=16": "X"}  # fmt: skip
 

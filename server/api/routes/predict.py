@@ -73,8 +73,9 @@ async def zero_shot(
     ],
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
 ) -> dict[str, Any]:
-    """CLIP zero-shot over free-form labels with the frozen text tower. Meaningless for bases whose
-    text tower is random (``deltaclip-efflite0``): their scores are chance-level."""
+    """CLIP zero-shot over free-form labels with the base's text side (its frozen text tower; on
+    the default ``deltaclip-efflite0``, WordNet over its ImageNet classifier). A label the default
+    base cannot place is a 400 ``unmapped_label``."""
     names = [part.strip() for part in labels.split(",")]
     if (
         len(names) < 2
