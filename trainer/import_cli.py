@@ -158,14 +158,14 @@ def run_import(args: argparse.Namespace) -> dict[str, Any]:
     write_adapter(imported.adapter, out)
     data = check_written(out, signature, settings)
     report: dict[str, Any] = {"task": args.task, "adapter_path": str(out), **imported.report}
-    if not args.no_register:
-        rec = register(data, signature, settings, args.alias).record
-        report.update(version=rec.version, digest=rec.digest)
-    if args.eval_data is not None:
+    if args.eval_data is not None:  # before registering: a bad folder leaves the catalog alone
         device = resolve_device(args.device, settings)
         report["eval"] = compare_on_folder(
             imported, args.eval_data, device, args.batch_size, args.workers
         )
+    if not args.no_register:
+        rec = register(data, signature, settings, args.alias).record
+        report.update(version=rec.version, digest=rec.digest)
     return report
 
 

@@ -294,6 +294,19 @@ def test_a_pickle_needing_code_is_refused_without_running_it(
     assert "needs code execution to load (it names " in proc.stderr and ".Custom)" in proc.stderr
 
 
+def test_a_folder_of_other_classes_is_refused_before_anything_is_registered(
+    dense: Dense, settings: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole = dense.save("whole.safetensors", dense.state)
+    store = ["--home", str(settings.home), "--database-url", settings.database_url]
+    argv = import_args(whole, dense, *store, "--eval-data", str(dense.target), "--workers", "0")
+    argv[argv.index("--classes") + 1] = "cat,dog,bird,fish"
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "has classes the model does not know" in err, err
+    assert store_cli.main(["adapters", "list", "--json", *store]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 0
+
+
 def test_a_density_outside_the_store_limit_is_refused(
     dense: Dense, capsys: pytest.CaptureFixture[str]
 ) -> None:
