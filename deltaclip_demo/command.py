@@ -76,11 +76,31 @@ def _wait_ready(
     raise RuntimeError(f"the server exited (status {proc.returncode}); see {log}")
 
 
+def _labelled_classes(folder: Path) -> list[str]:
+    return sorted({label for _, label in _labelled_images(folder)})
+
+
 def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
     from trainer.data import IMAGE_EXTENSIONS, prompt_name
 
     return [(p, prompt_name(cls.name)) for cls in sorted(folder.iterdir()) if cls.is_dir()
             for p in sorted(cls.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
+
+
+def check_zero_shot(client: Client, folder: Path) -> float:
+    """The base's zero-shot accuracy on ``folder`` (``/predict/zero-shot`` over its class names,
+    no adapter): what CMKD's teacher knows before any training."""
+    from tqdm import tqdm
+
+    images = _labelled_images(folder)
+    labels = _labelled_classes(folder)
+    correct = 0
+    for start in tqdm(range(0, len(images), BATCH), desc="      /predict/zero-shot", unit="req",
+                      leave=False):  # fmt: skip
+        chunk = images[start : start + BATCH]
+        answer = client.zero_shot(labels, *(p for p, _ in chunk), top_k=1)
+        correct += sum(preds[0].label == label for (_, label), preds in zip(chunk, answer.labels, strict=True))  # fmt: skip
+    return correct / len(images)
 
 
 def check_task(client: Client, task: str, folder: Path) -> dict[str, Any]:
@@ -138,9 +158,11 @@ def run_demo(args: argparse.Namespace) -> int:
         f"[3/5] training {len(args.shifts)} adapters (CMKD + RST) on base {EFFLITE0[0]}/{EFFLITE0[1]}:"
     )
     print(
-        "      an EfficientNet-Lite0 tower with real ImageNet weights; its text tower is random, so the"
+        "      an EfficientNet-Lite0 tower with real ImageNet weights; CMKD's teacher is its ImageNet"
     )
-    print("      CMKD teacher carries no language knowledge here (see docs/STUDY.md)")
+    print(
+        "      classifier read through WordNet (`deltaclip base labels` shows how; docs/METHOD.md §8)"
+    )
     from trainer import main as train_main
 
     trained: dict[str, dict[str, Any]] = {}
@@ -157,7 +179,8 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics = train_main(argv)
         trained[task] = metrics
         print(f"      {task} v{metrics['version']}: {metrics['nnz']:,} weights changed "
-              f"({metrics['density']:.4%} of the tower), target accuracy {metrics['target_accuracy']:.1%}")  # fmt: skip
+              f"({metrics['density']:.4%} of the tower), target accuracy {metrics['target_accuracy']:.1%} "
+              f"(teacher {metrics['target_teacher_accuracy']:.1%})")  # fmt: skip
 
     port = _free_port(args.port)
     url = f"http://127.0.0.1:{port}"
@@ -173,6 +196,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print(
             f"[5/5] asking the server about held-out target images ({args.test_per_class} per class):"
         )
+        chance = 1 / len(_labelled_classes(folders["photo"]))
+        print(f"      the base alone, zero-shot (its text side, no adapter; chance {chance:.0%}):")
+        for task in trained:
+            shift = task.removeprefix("photo2")
+            zero_shot = check_zero_shot(client, folders[f"test-{shift}"])
+            print(f"      {shift:<10} zero-shot accuracy {zero_shot:.1%}")
+        print("      each task's adapter:")
         for task in trained:
             shift = task.removeprefix("photo2")
             result = check_task(client, task, folders[f"test-{shift}"])
@@ -226,7 +256,8 @@ def register(sub: Any) -> None:
         "--test-per-class", type=int, default=20, help="held-out target images sent to the server"
     )
     p.add_argument("--steps", type=int, default=60, help="training steps per task")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128,
+                   help="training size (the teacher needs >= 128 px of the 28 px images to see much)")  # fmt: skip
     p.add_argument("--lr", type=float, default=3e-5, help="image-tower learning rate")
     p.add_argument("--head-lr-mult", type=float, default=100.0)
     p.add_argument(

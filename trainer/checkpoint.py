@@ -10,14 +10,14 @@ the step number (see ``trainer.data.InfiniteBatchSampler``).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+
+from adapters_store.files import atomic_write
 
 from .errors import TrainError
 
@@ -63,17 +63,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically (a crash mid-write leaves the previous checkpoint intact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, suffix=".pt") as f:
+        torch.save({"format": FORMAT, **payload}, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

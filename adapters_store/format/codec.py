@@ -10,7 +10,6 @@ Rule names are stable; ``RULES`` lists them all (docs/FORMAT.md, "format v1").
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import save as st_save
 from ..adapter import INT32_LIMIT, RESIDUAL_DTYPES, Adapter, Residual, dtype_name
 from ..bases import BaseSignature
 from ..errors import AdapterTooLarge, IncompatibleBase
+from ..files import atomic_write
 from ..head import head_shapes
 from ..names import PARAM_RE
 from .framing import DEFAULT_LIMITS, Limits, bad, canonical, check_header, show
@@ -70,20 +70,10 @@ def encode_adapter(adapter: Adapter) -> bytes:
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
     """Write atomically: a reader never sees a half-written adapter file."""
-    path = Path(path)
     data = encode_adapter(adapter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, suffix=".safetensors") as f:
+        f.write(data)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------- decode

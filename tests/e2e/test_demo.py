@@ -32,6 +32,9 @@ def test_demo_trains_serves_and_agrees_with_eval(tmp_path: Path) -> None:
         and "/catalog" in out
         and "curl -F file=@" in out
     )
+    # The base's zero-shot answer (CMKD's teacher, no adapter) is printed before the adapter's.
+    assert re.search(r"negative\s+zero-shot accuracy [\d.]+%", out), out
+    assert re.search(r"photo2negative v1: .* \(teacher [\d.]+%\)", out), out
     served = re.search(r"photo2negative v1 \(\w+…\): accuracy ([\d.]+)% on (\d+) images", out)
     assert served, out
     assert int(served.group(2)) == 30
