@@ -44,10 +44,11 @@ def served_cycles(engine: Any, preps: Sequence[Any], x: torch.Tensor, n: int, sy
     return out[1:]
 
 
-def _adapters(net: Any, sig: Any, args: argparse.Namespace) -> dict[tuple[int, float], list[Any]]:
+def _adapters(net: Any, sig: Any, args: argparse.Namespace, per: int = 2) -> dict[tuple[int, float], list[Any]]:  # fmt: skip
+    """``per`` synthetic adapters for every block size and density (seeded: equal across runs)."""
     return {
         (b, d): [random_adapter(net, sig, f"b{b}t{i}", density=d, seed=1000 * b + 10 * i + j, block_size=b)
-                 for i in (1, 2)]
+                 for i in range(1, per + 1)]
         for b in args.block_sizes for j, d in enumerate(args.densities)
     }  # fmt: skip
 
@@ -107,7 +108,7 @@ def block_cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, A
         url = f"sqlite:///{tmp}/c.db"
         upgrade(url)
         reg = Registry.from_settings(StoreSettings(home=Path(tmp), database_url=url))
-        for (b, d), ads in _adapters(net, sig, args).items():
+        for (b, d), ads in _adapters(net, sig, args, per=1).items():
             record = reg.register(encode_adapter(ads[0]), sig).record
             times = timeit(lambda r=record: engine.prepare(r, reg.load(r, sig)), args.served)
             rows.append({"block_size": b, "density": d, "nnz": record.nnz, "bytes": record.size_bytes,
