@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -25,6 +25,7 @@ ImageInput = bytes | str | os.PathLike[str]
 # Called before each retry with the 503 and the seconds about to be slept.
 RetryHook = Callable[[Unavailable, float], None]
 DEFAULT_RETRY_AFTER = 1.0
+T = TypeVar("T")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -43,6 +44,14 @@ def _error(response: httpx.Response) -> ApiError:
         pass
     retry = _retry_after(response.headers.get("retry-after"))
     return error_for(response.status_code, code, message or response.reason_phrase, retry)
+
+
+def _read(parse: Callable[[dict[str, Any]], T], body: dict[str, Any], what: str) -> T:
+    """A typed answer, or :class:`InvalidAnswer` when the JSON lacks what the API promises."""
+    try:
+        return parse(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidAnswer(f"{what}: an answer without the API's fields ({exc!r})") from None
 
 
 def _part(image: ImageInput, index: int) -> tuple[str, tuple[str, bytes, str]]:
@@ -103,7 +112,7 @@ class Client:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 raise TransportFailed(
-                    f"{method} {self.url}{path}: {exc or type(exc).__name__}"
+                    f"{method} {self.url}{path}: {str(exc) or type(exc).__name__}"
                 ) from exc
             if response.is_success:
                 return response
@@ -144,14 +153,15 @@ class Client:
         if alias is not None:
             params["alias"] = alias
         files = [_part(image, i) for i, image in enumerate(images)]
-        return Prediction.from_json(self._json("POST", "/predict", params=params, files=files))
+        body = self._json("POST", "/predict", params=params, files=files)
+        return _read(Prediction.from_json, body, "POST /predict")
 
     def zero_shot(self, labels: list[str], *images: ImageInput, top_k: int = 5) -> ZeroShot:
         """Classify images over free-form ``labels`` with the base's text tower (no adapter)."""
         params = {"labels": ",".join(labels), "top_k": top_k}
         files = [_part(image, i) for i, image in enumerate(images)]
         body = self._json("POST", "/predict/zero-shot", params=params, files=files)
-        return ZeroShot.from_json(body)
+        return _read(ZeroShot.from_json, body, "POST /predict/zero-shot")
 
     # ---------------------------------------------------------------------------------- catalog
 
@@ -168,7 +178,7 @@ class Client:
         within a task; ``base`` (model name or fingerprint) and ``domain`` filters combine."""
         params = {k: v for k, v in {"task": task, "base": base, "domain": domain}.items() if v}
         body = self._json("GET", "/adapters", params={**params, "limit": limit, "offset": offset})
-        return AdapterPage.from_json(body)
+        return _read(AdapterPage.from_json, body, "GET /adapters")
 
     def task(self, task: str) -> dict[str, Any]:
         """``{"task", "aliases": {alias: version}, "versions": [summary, ...]}``."""
@@ -226,7 +236,8 @@ class Client:
             name, data = Path(adapter).name, Path(adapter).read_bytes()
         form = {"alias": alias} if alias else {}
         files = {"file": (name, data, "application/octet-stream")}
-        return Registration.from_json(self._json("POST", "/admin/adapters", files=files, data=form))
+        body = self._json("POST", "/admin/adapters", files=files, data=form)
+        return _read(Registration.from_json, body, "POST /admin/adapters")
 
     def delete(self, task: str, version: int) -> dict[str, Any]:
         """Delete one version for good: ``{"task", "version", "digest"}`` of what went."""
@@ -261,7 +272,7 @@ class Client:
                     return dict(response.json())
                 last: Exception = _error(response)
             except httpx.TransportError as exc:
-                last = TransportFailed(f"{self.url}: {exc or type(exc).__name__}")
+                last = TransportFailed(f"{self.url}: {str(exc) or type(exc).__name__}")
             if time.monotonic() >= deadline:
                 raise last
             time.sleep(poll)
