@@ -22,6 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "home": args.home, "database_url": args.database_url, "base_model": args.base_model,
             "base_pretrained": args.base_pretrained, "device": args.device, "dtype": args.dtype,
             "host": args.host, "port": args.port, "max_batch": args.max_batch, "cache_bytes": args.cache_bytes,
+            "deterministic": args.deterministic,
         }.items()
         if value is not None
     }  # fmt: skip
@@ -71,6 +72,13 @@ def register(sub: Any) -> None:
         help="serving dtype (DELTACLIP_DTYPE)",
     )
     p.add_argument("--max-batch", type=int, help="images per forward pass (DELTACLIP_MAX_BATCH)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="every forward pass at max-batch images (padded): answers independent of batch "
+        "companions, at a throughput cost under light load (DELTACLIP_DETERMINISTIC)",
+    )
     p.add_argument(
         "--cache-bytes", type=int, help="memory for prepared adapters (DELTACLIP_CACHE_BYTES)"
     )
