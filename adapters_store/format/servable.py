@@ -111,7 +111,7 @@ def check_servable(
     _check_head(adapter)
     if weights is not None:
         source = StateWeights(weights) if isinstance(weights, Mapping) else weights
-        _check_merged(adapter, source)
+        _check_merged(adapter, base, source)
 
 
 def _check_image_size(size: Any, base: BaseSignature) -> None:
@@ -162,13 +162,15 @@ def _check_head(adapter: Adapter) -> None:
         raise bad("head-values", "head/bn.num_batches_tracked is negative")
 
 
-def _check_merged(adapter: Adapter, weights: BaseWeights) -> None:
-    """The merge (docs/FORMAT.md §7) is finite at every listed position in every serving dtype."""
+def _check_merged(adapter: Adapter, sig: BaseSignature, weights: BaseWeights) -> None:
+    """The merge (docs/FORMAT.md §7) is finite at every listed position in every serving dtype
+    (block residuals expanded to their positions, a tail block's padding left out)."""
     for key, res in sorted(adapter.residual.items()):
         if not res.nnz:
             continue
-        base = weights.base_values(key, res.indices)
-        values = res.values.float()
+        positions, deltas = res.positions(sig.numel(key))
+        base = weights.base_values(key, positions)
+        values = deltas.float()
         for dtype in SERVING_DTYPES:
             merged = (base.to(dtype).float() + values).to(dtype)
             if not bool(torch.isfinite(merged).all()):

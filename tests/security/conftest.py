@@ -46,16 +46,14 @@ def api(store: Any) -> Iterator[TestClient]:
         yield client
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def train_tiny(root: Path, **change: Any) -> bytes:
     """A real adapter: CMKD + RST on the tiny base over synthetic day/night shapes."""
-    root = tmp_path_factory.mktemp("trained")
     source, target = make_domains(root / "data", per_class=4, size=32)
-    cfg = TrainConfig(
-        source=str(source), target=str(target), task="shapes", base_model=TINY[0],
-        base_pretrained=TINY[1], epochs=1, iters_per_epoch=3, batch_size=4, lr=1e-4,
-        head_lr_mult=100.0, tau=1e-6, max_density=0.05,
-    )  # fmt: skip
+    cfg = TrainConfig(**{
+        "source": str(source), "target": str(target), "task": "shapes", "base_model": TINY[0],
+        "base_pretrained": TINY[1], "epochs": 1, "iters_per_epoch": 3, "batch_size": 4, "lr": 1e-4,
+        "head_lr_mult": 100.0, "tau": 1e-6, "max_density": 0.05, **change,
+    })  # fmt: skip
     options = RunOptions(
         output=root / "a.safetensors", run_dir=root / "run", register=False, num_workers=0,
         threads=1, progress=False, created_at="2025-01-01T00:00:00Z",
@@ -63,3 +61,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = train(cfg, options, StoreSettings(home=root / "home")).adapter_path
     assert path is not None
     return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real trained adapter of the tiny base (unstructured residual)."""
+    return train_tiny(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def trained_blocks(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real trained adapter of the tiny base with a block residual (B = 4)."""
+    return train_tiny(tmp_path_factory.mktemp("trained-blocks"), block_size=4)

@@ -146,6 +146,28 @@ def test_the_cli_refuses_an_unservable_adapter(
     assert "[merged-finite]" in capsys.readouterr().err
 
 
+def test_block_residuals_are_checked_at_their_positions(
+    api: TestClient, trained_blocks: bytes, tiny: Tiny
+) -> None:
+    """A block adapter's first value set to overflow float32 at its position is refused; the
+    trained one (tail blocks padded past the parameter's end included) is accepted."""
+    adapter = decode_adapter(trained_blocks)
+    key = max(adapter.residual, key=lambda k: adapter.residual[k].nnz)
+    res = adapter.residual[key]
+    assert res.block_size == 4
+    base = dict(tiny[0].state_dict())[key].reshape(-1)[int(res.indices[0]) * 4]
+    values = res.values.clone()
+    values[0, 0] = 3.4e38 if float(base) >= 0 else -3.4e38
+    adapter.residual[key] = Residual(res.indices, values, res.block_size)
+    r = api.post("/admin/adapters", files={"file": ("a", encode_adapter(adapter))}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("[merged-finite]"), (
+        r.text
+    )
+    r = api.post("/admin/adapters", files={"file": ("a", trained_blocks)}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    assert api.post("/predict?task=shapes", files=IMAGES).status_code == 200
+
+
 def test_a_legal_large_residual_is_served_with_sane_answers(
     api: TestClient, trained: bytes, tiny: Tiny
 ) -> None:
