@@ -22,6 +22,7 @@ fine-tuning a dense float32 tower plus head (docs/STUDY.md explains the protocol
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from adapters_store.head import head_from_state
 from bench.accuracy_report import (
     FROZEN_TAU,
     block_table,
+    comparison_table,
     markdown_table,
     plot,
     summarise,
@@ -107,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="data, adapters and run logs (default: $TMPDIR/deltaclip-study)")  # fmt: skip
     p.add_argument("--fresh", dest="merge", action="store_false", help="ignore results already in --out")  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="table and plot from --out only")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="merge per-shift result files (runs of --shifts X in parallel processes) "
+                   "into --out, then report")  # fmt: skip
     p.add_argument("--shifts", nargs="+", default=["sketch", "negative", "faded"])
     p.add_argument("--per-class", type=int, default=50, help="source and target images per class")
     p.add_argument("--test-per-class", type=int, default=50, help="held-out target images")
@@ -270,6 +275,7 @@ def run_study(args: argparse.Namespace, data: dict[str, Any], save: Any) -> None
             teacher[shift] = teacher_accuracy(folders[f"test-{shift}"], args.image_size)
             save()
     settings = settings_for(args.taus, args.budgets, args.budget_tau, args.block_sizes)
+    data["settings"] = [asdict(s) for s in settings]  # a report can be drawn from a partial file
     todo = [(shift, s) for shift in args.shifts for s in settings]
     started = time.perf_counter()
     for i, (shift, s) in enumerate(todo, 1):
@@ -284,8 +290,23 @@ def run_study(args: argparse.Namespace, data: dict[str, Any], save: Any) -> None
         print(f"      test {row['test_accuracy']:.1%}, transductive {row['target_accuracy']:.1%}, "
               f"density {row['density']:.4%}, {row['stored_bytes']:,} B, {row['train_seconds']:.0f}s "
               f"(elapsed {time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
-    data["settings"] = [asdict(s) for s in settings]
     save()
+
+
+def combine(data: dict[str, Any], parts: list[dict[str, Any]]) -> None:
+    """One study from per-shift parts that differ only in their shifts (the config says so)."""
+    configs = [{k: v for k, v in part["config"].items() if k != "shifts"} for part in parts]
+    if any(c != configs[0] for c in configs):
+        sys.exit("--combine: the files were made with different settings")
+    data["config"] = {
+        **parts[0]["config"],
+        "shifts": [s for p in parts for s in p["config"]["shifts"]],
+    }
+    for key in ("runs", "teacher"):
+        data[key] = {k: v for part in parts for k, v in part.get(key, {}).items()}
+    data["settings"], data["images"] = parts[0]["settings"], parts[0]["images"]
+    data["study_seconds"] = round(sum(p.get("study_seconds", 0.0) for p in parts), 1)
+    data["combined_from"] = [p.get("command") for p in parts]
 
 
 def run(args: argparse.Namespace, result: Result) -> None:
@@ -297,7 +318,9 @@ def run(args: argparse.Namespace, result: Result) -> None:
     args.out = result.path
     args.plot = args.plot or result.path.with_suffix(".png")
     args.work = args.work.resolve()
-    if args.report_only:
+    if args.combine:
+        combine(result.data, [json.loads(path.read_text()) for path in args.combine])
+    elif args.report_only:
         result.write = False  # redraw only: the result file stays as it was
     else:
         run_study(args, result.data, result.save)
@@ -305,6 +328,8 @@ def run(args: argparse.Namespace, result: Result) -> None:
     result["summary"] = summary
     if summary["rows"]:
         plot(result.data, summary, args.plot)
+    print(comparison_table(result.data))
+    print()
     print(markdown_table(result.data, summary))
     print()
     print(verdict_text(result.data, summary))

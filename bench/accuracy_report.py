@@ -263,3 +263,51 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+COMPARISON = (("linear-probe", "linear probe (frozen tower)"), ("source-only-ft", "source-only FT"),
+              ("cmkd-ft", "CMKD FT"), ("cmkd-ft-no-target", "CMKD FT without its target terms"),
+              ("cmkd-fixmatch-ft", "CMKD + FixMatch FT"), ("cmkd-rst-max-0.005", "CMKD + RST ≤ 0.5 %"),
+              ("cmkd-rst-max-0.0005", "CMKD + RST ≤ 0.05 %"))  # fmt: skip
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def comparison_table(data: dict[str, Any]) -> str:
+    """The method comparison on held-out target images: the teacher's zero-shot accuracy, then
+    each setting's, ±1 binomial standard error, and the difference to source-only."""
+    shifts = data["config"]["shifts"]
+    runs, teacher = data.get("runs", {}), data.get("teacher", {})
+
+    def cell(acc: float, n: int) -> str:
+        return f"{acc:.1%} ± {_se(acc, n):.1%}"
+
+    def mean(vals: list[tuple[float, int]]) -> tuple[float, float]:
+        m = sum(a for a, _ in vals) / len(vals)
+        return m, math.sqrt(sum(_se(a, n) ** 2 for a, n in vals)) / len(vals)
+
+    head = ["row", *(f"{s} (held-out)" for s in shifts), "mean", "vs source-only (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if all(s in teacher for s in shifts):
+        vals = [(teacher[s]["accuracy"], teacher[s]["images"]) for s in shifts]
+        m, se = mean(vals)
+        lines.append("| teacher: the base zero-shot (no training) | "
+                     + " | ".join(cell(a, n) for a, n in vals) + f" | {m:.1%} ± {se:.1%} | – |")  # fmt: skip
+    base = [runs.get(f"{s}/source-only-ft") for s in shifts]
+    base_mean = sum(r["test_accuracy"] for r in base) / len(base) if all(base) else None
+    for key, label in COMPARISON:
+        rows = [runs.get(f"{s}/{key}") for s in shifts]
+        if not all(rows):
+            continue
+        vals = [(r["test_accuracy"], r["test_images"]) for r in rows if r]
+        m, se = mean(vals)
+        diff = (
+            "–"
+            if base_mean is None or key == "source-only-ft"
+            else f"{(m - base_mean) * 100:+.1f} pts"
+        )
+        lines.append(f"| {label} | " + " | ".join(cell(a, n) for a, n in vals)
+                     + f" | {m:.1%} ± {se:.1%} | {diff} |")  # fmt: skip
+    return "\n".join(lines)
