@@ -43,6 +43,11 @@ def label_mappings(labels: Sequence[str]) -> list[LabelMapping]:
     return map_labels(labels)
 
 
+def prompts(labels: Sequence[str], template: str) -> list[str]:
+    """One prompt per label, e.g. ``"a photo of a alarm clock."`` for ``"a photo of a {name}."``."""
+    return [template.format(name=label) for label in labels]
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer(model: str) -> Any:
     import open_clip
@@ -77,7 +82,7 @@ def class_embeddings(
         for row, mapping in enumerate(label_mappings(labels)):
             emb[row, list(mapping.classes)] = 1.0
         return F.normalize(emb, dim=1).to(device)
-    tokens = _tokenizer(model)([template.format(name=label) for label in labels]).to(device)
+    tokens = _tokenizer(model)(prompts(labels, template)).to(device)
     was_training = net.training
     if was_training:  # a served model is already in eval mode: leave its flags alone
         net.eval()

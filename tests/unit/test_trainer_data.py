@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from adapters_store.transforms import CLIP_MEAN, CLIP_STD
+from adapters_store.zeroshot import prompts
 from trainer.data import (
     ImageDataset,
     UnreadableImagesWarning,
@@ -19,7 +20,6 @@ from trainer.data import (
 )
 from trainer.errors import DataError
 from trainer.loaders import InfiniteBatchSampler, paired_loader
-from trainer.model import prompts
 from trainer.transforms import (
     eval_transform,
     strong_transform,

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from adapters_store.head import TaskHead
+from adapters_store.zeroshot import class_embeddings
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
-from trainer.model import CMKDModel, TextHead, logit_scale_of, text_embeddings, tower_kind
+from trainer.model import CMKDModel, TextHead, logit_scale_of, tower_kind
 
 
 def test_defaults_follow_the_tower_kind(tiny) -> None:  # type: ignore[no-untyped-def]
@@ -61,7 +62,9 @@ def test_bad_settings_are_refused(change: dict, message: str) -> None:  # type: 
 
 def test_text_head_is_scaled_cosine_to_normalised_prompts(tiny) -> None:  # type: ignore[no-untyped-def]
     net = tiny[0]
-    emb = text_embeddings(net, "deltaclip-tiny", ["cat", "big dog"], "a photo of a {name}.")
+    emb = class_embeddings(
+        net, "deltaclip-tiny", "random", ["cat", "big dog"], "a photo of a {name}."
+    )
     assert emb.shape == (2, 32)
     assert torch.allclose(emb.norm(dim=1), torch.ones(2))
     scale = logit_scale_of(net)
