@@ -254,7 +254,7 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"mean held-out target accuracy over {len(cfg['shifts'])} tasks (%)")
     ax.set_title(
         f"deltaclip-efflite0/imagenet, Fashion-MNIST photo → {', '.join(cfg['shifts'])}; "
-        f"{cfg['steps']} steps, {cfg['image_size']} px, lr {cfg['lr']:g} (random text tower)",
+        f"{cfg['steps']} steps, {cfg['image_size']} px, lr {cfg['lr']:g} (WordNet text side)",
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
