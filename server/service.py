@@ -106,8 +106,8 @@ class Service:
     async def zero_shot(self, labels: list[str], read: ReadImages) -> torch.Tensor:
         """Probabilities ``[N, len(labels)]`` from the base's text head (no adapter)."""
         serving = self.runtime.require_ready()
-        files = await read()
-        images = await asyncio.to_thread(serving.images.batch, files)
+        # The labels first: one the base's text side cannot place is refused (400) before the
+        # body is read and any image decoded.
         key = tuple(labels)
         emb = self._text_cache.get(key)
         if emb is None:
@@ -115,6 +115,8 @@ class Service:
             self._text_cache[key] = emb
             while len(self._text_cache) > _TEXT_CACHE_SIZE:
                 self._text_cache.popitem(last=False)
+        files = await read()
+        images = await asyncio.to_thread(serving.images.batch, files)
         run = partial(serving.engine.run_zero_shot, emb)
         return await self._infer(serving.batcher, ("zero-shot", key), run, images)
 
