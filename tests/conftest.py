@@ -209,3 +209,18 @@ def app_routes(app) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
 
     walk(app.routes, "")
     return sorted(set(found))
+
+
+def checkout_files() -> list[str]:
+    """Tracked files plus untracked ones git does not ignore: what a clean clone (and the next
+    commit) holds, relative to the repository root."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [name for name in out.split("\0") if name and (root / name).is_file()]

@@ -20,20 +20,10 @@ from pathlib import Path
 import pytest
 
 from adapters_store.catalog import head_revision
+from tests.conftest import checkout_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_PACKAGES = ("adapters_store", "deltaclip_demo", "server", "trainer")
-
-
-def checkout_files() -> list[str]:
-    """Tracked files plus untracked ones git does not ignore: what a clean clone would build."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    return [name for name in out.split("\0") if name and (ROOT / name).is_file()]
 
 
 def build_wheel(dest: Path) -> Path:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import checkout_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_PACKAGES = (
@@ -187,15 +188,7 @@ def test_no_module_is_over_the_line_limit() -> None:
 
 def repository_files() -> list[Path]:
     """Tracked files plus new ones git does not ignore (what the next commit can hold)."""
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    return [ROOT / name for name in out.split("\0") if name and (ROOT / name).is_file()]
+    return [ROOT / name for name in checkout_files()]
 
 
 def test_no_file_refers_to_documents_outside_the_repository() -> None:
