@@ -67,6 +67,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--lambda2", type=float, default=d.lambda2)
     m.add_argument("--lambda3", type=float, default=d.lambda3)
     m.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    m.add_argument(
+        "--ramp-iters",
+        type=int,
+        help="T of the target terms' ramp λ(t) (default: the run's steps, epochs × iters)",
+    )
+    m.add_argument(
+        "--adabn",
+        action="store_true",
+        help="source-only control: target batches pass through the head in train mode "
+        "(its BatchNorm statistics adapt), with no target loss",
+    )
     m.add_argument("--prompt-template", default=d.prompt_template, help="with {name}")
     r = p.add_argument_group("residual sparse training")
     r.add_argument(
@@ -144,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions,
         block_size=args.block_size,
         epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr,
         head_lr_mult=args.head_lr_mult, label_smoothing=args.label_smoothing,
+        ramp_iters=args.ramp_iters, adabn=args.adabn,
         lambda1=args.lambda1, lambda2=args.lambda2, lambda3=args.lambda3,
         fixmatch_weight=args.fixmatch_weight, fixmatch_threshold=args.fixmatch_threshold,
         image_size=args.image_size, prompt_template=args.prompt_template, seed=args.seed,
@@ -242,7 +254,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"target accuracy {out['target_accuracy']:.2%} "
         f"(text head {out['target_teacher_accuracy']:.2%}); log: {out['log_path']}"
     )
+    if out.get("loss_terms_last_step"):
+        print(loss_terms_line(out["loss_terms_last_step"]))
     return 0
+
+
+# How each weighted loss term is named for a user (docs/METHOD.md §2, §3).
+TERM_NAMES = {
+    "w_cls": "L_cls",
+    "w_ce_g": "λ2·CE_teacher(source)",
+    "w_gi_h": "λ1·λ·GI_alpha(p_h)",
+    "w_gi_m": "λ1·λ·GI_1-alpha(p_m)",
+    "w_gi_g": "λ3·λ·GI(p_g)",
+    "w_fm_h": "FixMatch head",
+    "w_fm_g": "FixMatch teacher",
+}
+
+
+def loss_terms_line(last_step: dict[str, float]) -> str:
+    """The final step's loss terms as they entered the total, and λ there (the teacher at work)."""
+    terms = ", ".join(
+        f"{label} {last_step[key]:.4f}" for key, label in TERM_NAMES.items() if key in last_step
+    )
+    ramp = f"; λ = {last_step['ramp']:.3f}" if "ramp" in last_step else ""
+    return f"loss terms at the last step (weighted): {terms}{ramp}"
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,8 @@ class CMKDWeights:
     lambda3: float = 0.025
     label_smoothing: float = 0.1
     ramp_gamma: float = 1.0
+    # T of λ(t). The loss functions' default is the reference's 20 × 500-step run; a training
+    # run uses its own length (``TrainConfig.ramp_iters``).
     ramp_iters: int = 10_000
 
 
@@ -67,6 +69,7 @@ class TrainConfig:
     base_pretrained: str = "imagenet"
     method: str = "cmkd"
     fixmatch: bool = False
+    adabn: bool = False  # source-only with target batches through the head (BatchNorm statistics)
     tau: float | None = None
     max_density: float | None = None
     block_size: int = 1  # RST in blocks of B consecutive weights (1: the paper's RST)
@@ -85,7 +88,7 @@ class TrainConfig:
     lambda2: float = CMKDWeights.lambda2
     lambda3: float = CMKDWeights.lambda3
     ramp_gamma: float = CMKDWeights.ramp_gamma
-    ramp_iters: int = CMKDWeights.ramp_iters
+    ramp_iters: int | None = None  # T of the ramp λ(t); None: the run's total_steps
     fixmatch_weight: float = 0.5
     fixmatch_threshold: float = 0.95
     image_size: int | None = None
@@ -99,7 +102,11 @@ class TrainConfig:
     @property
     def method_name(self) -> str:
         """The adapter's ``method``, e.g. ``cmkd+rst`` or ``source-only+rst+fixmatch``."""
-        return f"{self.method}+rst" + ("+fixmatch" if self.fixmatch else "")
+        return (
+            f"{self.method}+rst"
+            + ("+adabn" if self.adabn else "")
+            + ("+fixmatch" if self.fixmatch else "")
+        )
 
     @property
     def loss_weights(self) -> CMKDWeights:
@@ -110,7 +117,7 @@ class TrainConfig:
             self.lambda3,
             self.label_smoothing,
             self.ramp_gamma,
-            self.ramp_iters,
+            int(self.require(self.ramp_iters, "ramp_iters")),
         )
 
     @property
@@ -142,6 +149,7 @@ class TrainConfig:
             head_lr_mult=mult if self.head_lr_mult is None else self.head_lr_mult,
             tau=tau if self.tau is None else self.tau,
             image_size=image_size if self.image_size is None else self.image_size,
+            ramp_iters=self.total_steps if self.ramp_iters is None else self.ramp_iters,
         )
         out.validate()
         return out
@@ -151,6 +159,11 @@ class TrainConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.adabn and self.method != "source-only":
+            problems.append(
+                "--adabn is the source-only control (CMKD already passes target batches "
+                "through the head); use it with --method source-only"
+            )
         if self.residual_dtype not in RESIDUAL_DTYPES:
             problems.append(f"residual dtype must be one of {', '.join(RESIDUAL_DTYPES)}")
         if self.tau is not None and not self.tau >= 0:
@@ -161,7 +174,8 @@ class TrainConfig:
             sizes = ", ".join(map(str, (1, *BLOCK_SIZES)))
             problems.append(f"block size must be one of {sizes}, got {self.block_size}")
         for name in ("epochs", "iters_per_epoch", "batch_size", "ramp_iters"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
         for name in ("lr", "head_lr_mult"):
             value = getattr(self, name)

@@ -58,6 +58,9 @@ def run_epoch(run: Run, batches: Iterator[Any], on_step: Callable[[int], None] |
             if session.step % iters == 0:
                 break
     record = _epoch_record(run, epoch)
+    # The epoch's last step as it entered the loss: λ(t) and each weighted term (a user sees the
+    # teacher's terms at their final weight, which the epoch's mean understates while λ ramps).
+    record["last_step"] = {k: v for k, v in step_terms.items() if k == "ramp" or k.startswith("w_")}
     assert_replicas_identical(run.plan.ranks, session.tower, f"after epoch {epoch + 1}")
     if not run.plan.ranks.is_main:
         run.sums = {}

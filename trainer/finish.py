@@ -69,6 +69,7 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         "nnz": session.rst.nnz,
         "density": session.rst.density,
         "snapped_weights": snapped,
+        **loss_summary(run.history),
     }
     train_config = {
         **cfg.to_dict(),
@@ -93,6 +94,19 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         created_at=plan.options.created_at or utc_now_iso(),
     )
     return adapter, metrics
+
+
+def loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each loss term as it entered the total (weighted), over the last epoch and at its last step.
+
+    ``loss_terms``: the last epoch's mean of each weighted term; ``loss_terms_last_step``: the
+    same at the final step, with ``ramp`` (λ at that step, λ(T) for a run that ends at T).
+    """
+    if not history or "last_step" not in history[-1]:
+        return {}
+    last = history[-1]
+    means = {k: v for k, v in last["losses"].items() if k.startswith("w_")}
+    return {"loss_terms": means, "loss_terms_last_step": dict(last["last_step"])}
 
 
 def write_and_register(run: Run, adapter: Adapter, metrics: dict[str, Any]) -> TrainResult:

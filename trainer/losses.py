@@ -75,7 +75,7 @@ def source_only_loss(
 ) -> Terms:
     """The baseline: ``L = L_cls``."""
     cls = classification_loss(src_logits_h, labels, weights.label_smoothing)
-    return {"total": cls, "cls": cls.detach()}
+    return {"total": cls, "cls": cls.detach(), "w_cls": cls.detach()}
 
 
 def cmkd_loss(
@@ -87,12 +87,17 @@ def cmkd_loss(
     step: int,
     weights: CMKDWeights = DEFAULT_WEIGHTS,
 ) -> Terms:
-    """The full CMKD loss at optimiser step ``step`` (0-based), and each of its terms.
+    """The full CMKD loss at schedule position ``step`` (``t`` of ``λ(t)``), and each of its terms.
+
+    A training session passes its 1-based iteration (the steps done, this one included), so the
+    first step of a ``T``-step run weighs the target terms by ``λ(1/T)`` and the last by ``λ(T)``.
 
     Returns:
         ``total`` (differentiable) and, detached for logging: ``cls``, ``gi_h`` (GI_alpha(p_h)),
         ``gi_m`` (GI_{1−alpha}(p_m)), ``ce_g`` (the teacher's source CE), ``gi_g`` (GI_1(p_g)),
-        ``alpha`` (batch mean) and ``ramp`` (λ(t)). Terms are reported unweighted.
+        ``alpha`` (batch mean) and ``ramp`` (λ(t)), all unweighted; and each term as it enters
+        ``total`` (its coefficient and ramp applied): ``w_cls``, ``w_gi_h``, ``w_gi_m``,
+        ``w_ce_g``, ``w_gi_g``, which add up to ``total``.
     """
     lam = ramp(step, weights.ramp_gamma, weights.ramp_iters)
     cls = classification_loss(src_logits_h, labels, weights.label_smoothing)
@@ -104,13 +109,16 @@ def cmkd_loss(
     gi_m = gini_impurity(p_m, 1.0 - alpha)
     ce_g = F.cross_entropy(src_logits_g.float(), labels)
     gi_g = gini_impurity(p_g)
-    total = (
-        cls
-        + weights.lambda1 * lam * (gi_h + gi_m)
-        + weights.lambda2 * ce_g
-        + weights.lambda3 * lam * gi_g
-    )
+    weighted = {
+        "w_cls": cls,
+        "w_gi_h": weights.lambda1 * lam * gi_h,
+        "w_gi_m": weights.lambda1 * lam * gi_m,
+        "w_ce_g": weights.lambda2 * ce_g,
+        "w_gi_g": weights.lambda3 * lam * gi_g,
+    }
+    total = sum(weighted.values(), torch.zeros((), device=cls.device))
     return {
+        **{k: v.detach() for k, v in weighted.items()},
         "total": total,
         "cls": cls.detach(),
         "gi_h": gi_h.detach(),
@@ -147,8 +155,9 @@ def fixmatch_loss(
     counting as 0, as in the reference.
 
     Returns:
-        ``total`` and, detached: ``fm_h``, ``fm_g`` (weighted) and ``fm_mask_h``, ``fm_mask_g``
-        (the fraction of rows above the threshold).
+        ``total`` and, detached: ``fm_h``, ``fm_g`` (weighted; also as ``w_fm_h``, ``w_fm_g``, the
+        names the run's summary of weighted terms reads) and ``fm_mask_h``, ``fm_mask_g`` (the
+        fraction of rows above the threshold).
     """
     fm_h, mask_h = _pseudo_label_ce(weak_logits_h, strong_logits_h, threshold)
     fm_g, mask_g = _pseudo_label_ce(weak_logits_g, strong_logits_g, threshold)
@@ -157,6 +166,8 @@ def fixmatch_loss(
         "total": total,
         "fm_h": weight * fm_h.detach(),
         "fm_g": weight * fm_g.detach(),
+        "w_fm_h": weight * fm_h.detach(),
+        "w_fm_g": weight * fm_g.detach(),
         "fm_mask_h": mask_h,
         "fm_mask_g": mask_g,
     }

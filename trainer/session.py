@@ -89,7 +89,8 @@ class Session:
         cfg = self.cfg
         xs, ys = self._to(source[0]), self._to(source[1])
         views = target[0] if cfg.fixmatch else [target[0]]
-        use_target = cfg.method == "cmkd" or cfg.fixmatch
+        # AdaBN: target batches pass through the head (train-mode BatchNorm) with no loss on them
+        use_target = cfg.method == "cmkd" or cfg.fixmatch or cfg.adabn
         parts = [xs] + ([self._to(v) for v in views] if use_target else [])
         with autocast(self.device, cfg.amp):
             heads, teachers = self.runner(parts)
@@ -97,7 +98,8 @@ class Session:
             if use_target:
                 tgt_h, tgt_g = heads[1], teachers[1]
             if cfg.method == "cmkd":
-                terms = cmkd_loss(src_h, teachers[0], tgt_h, tgt_g, ys, self.step, self.weights)
+                # λ(t) at the 1-based iteration: the run's last step uses λ(T)
+                terms = cmkd_loss(src_h, teachers[0], tgt_h, tgt_g, ys, self.step + 1, self.weights)
             else:
                 terms = source_only_loss(src_h, ys, self.weights)
             if cfg.fixmatch:

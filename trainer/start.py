@@ -120,6 +120,9 @@ def start_run(plan: Plan) -> Run:
     net = build_base(plan.config.base_model, plan.config.base_pretrained)
     signature = signature_of(net, plan.config.base_model, plan.config.base_pretrained)
     cfg = plan.config.resolve(tower_kind(net), image_size_of(net))
+    if plan.saved is not None and plan.config.ramp_iters is None:
+        # T is the run's as it started: a resume that changes --epochs keeps the ramp it had
+        cfg = replace(cfg, ramp_iters=int(plan.saved["config"]["ramp_iters"]))
     if cfg.amp and device.type != "cuda":
         raise TrainError("mixed precision (--amp) is only supported on CUDA devices")
     net = net.to(device)
