@@ -20,7 +20,10 @@ QUESTIONS = {
     "http": ("bench.http_load", "HTTP vs in-process, throughput by requests in flight, many tasks"),
     "catalog": ("bench.catalog", "catalog list/filter latency with many registered adapters"),
     "determinism": ("bench.determinism", "throughput cost of the deterministic (padded) mode"),
-    "accuracy": ("bench.accuracy", "target accuracy against stored bytes per task (RST study)"),
+    "accuracy": (
+        "bench.accuracy",
+        "what CMKD and RST buy: seeds, paired differences, CIs (the study)",
+    ),
     "rst_overhead": ("bench.rst_overhead", "training-step time of RST against plain fine-tuning"),
     "zeroshot": (
         "bench.zeroshot",

@@ -172,7 +172,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 "--base-model", EFFLITE0[0], "--base-pretrained", EFFLITE0[1], "--home", str(home),
                 "--image-size", str(args.image_size), "--epochs", "1", "--iters", str(args.steps),
                 "--batch-size", str(BATCH), "--lr", str(args.lr), "--head-lr-mult", str(args.head_lr_mult),
-                "--block-size", str(args.block_size), "--alias", "production", "--restart"]  # fmt: skip
+                "--block-size", str(args.block_size), "--max-density", str(args.max_density),
+                "--alias", "production", "--restart"]  # fmt: skip
         if settings.database_url:
             argv += ["--database-url", settings.database_url]
         print(f"      {task}: {args.steps} steps")
@@ -260,6 +261,12 @@ def register(sub: Any) -> None:
                    help="training size (the teacher needs >= 128 px of the 28 px images to see much)")  # fmt: skip
     p.add_argument("--lr", type=float, default=3e-5, help="image-tower learning rate")
     p.add_argument("--head-lr-mult", type=float, default=100.0)
+    p.add_argument(
+        "--max-density",
+        type=float,
+        default=0.005,
+        help="RST budget: at most this fraction of the tower's weights changed (default 0.5 %%)",
+    )
     p.add_argument(
         "--block-size",
         type=int,

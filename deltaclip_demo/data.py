@@ -132,9 +132,17 @@ def prepare_domains(
     target_per_class: int,
     test_per_class: int,
     seed: int = 0,
+    source_val_per_class: int = 0,
 ) -> tuple[dict[str, Path], str]:
     """Write ``root/photo`` (source), ``root/<shift>`` (unlabelled-use targets) and
     ``root/test-<shift>`` (held-out target images for checking the server), disjoint image sets.
+
+    With ``source_val_per_class``, also ``root/photo-val``: labelled source images held out from
+    training (drawn from the source half of the pool, after every other draw, so the other folders
+    are the same with or without it), for choices that must not look at target labels.
+
+    Every draw is made whether or not its folder already exists, so a folder written by an earlier
+    call holds the images this call would have written.
 
     Returns:
         the folders by name, and a sentence saying which image source was used.
@@ -147,28 +155,22 @@ def prepare_domains(
     half = len(pool) // 2
     src_labels, tgt_labels = train.labels[pool[:half]], train.labels[pool[half:]]
     folders: dict[str, Path] = {"photo": root / "photo"}
+    src_picked = _pick(src_labels, source_per_class, rng, n_classes)
     if not folders["photo"].is_dir():
-        _write(
-            folders["photo"],
-            train,
-            pool[:half][_pick(src_labels, source_per_class, rng, n_classes)],
-            None,
-        )
+        _write(folders["photo"], train, pool[:half][src_picked], None)
     for name in shifts:
         folders[name] = root / name
         folders[f"test-{name}"] = root / f"test-{name}"
+        tgt_picked = _pick(tgt_labels, target_per_class, rng, n_classes)
         if not folders[name].is_dir():
-            _write(
-                folders[name],
-                train,
-                pool[half:][_pick(tgt_labels, target_per_class, rng, n_classes)],
-                SHIFTS[name],
-            )
+            _write(folders[name], train, pool[half:][tgt_picked], SHIFTS[name])
+        test_picked = _pick(test.labels, test_per_class, rng, n_classes)
         if not folders[f"test-{name}"].is_dir():
-            _write(
-                folders[f"test-{name}"],
-                test,
-                _pick(test.labels, test_per_class, rng, n_classes),
-                SHIFTS[name],
-            )
+            _write(folders[f"test-{name}"], test, test_picked, SHIFTS[name])
+    if source_val_per_class:
+        rest = np.setdiff1d(np.arange(half), src_picked)  # source-half positions not trained on
+        folders["photo-val"] = root / "photo-val"
+        val_picked = rest[_pick(src_labels[rest], source_val_per_class, rng, n_classes)]
+        if not folders["photo-val"].is_dir():
+            _write(folders["photo-val"], train, pool[:half][val_picked], None)
     return folders, train.origin

@@ -191,8 +191,13 @@ def evaluate_zero_shot(
     batch_size: int = 64,
     num_workers: int | None = None,
     image_size: int | None = None,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy of the base's text head (prompts from the folder's classes): zero-shot CLIP."""
+    """Accuracy of the base's text head (prompts from the folder's classes): zero-shot CLIP.
+
+    ``keep_predictions`` adds ``predictions`` and ``labels``: per image, in the folder's order
+    (class indices into ``class_names``), for paired comparisons image by image.
+    """
     device = device or torch.device("cpu")
     warning = zero_shot_warning(model, pretrained)
     if warning:
@@ -212,4 +217,9 @@ def evaluate_zero_shot(
         "warning": warning,
         "chance_accuracy": 1.0 / len(data.class_names),
         **report(preds["text"], labels, data.class_names),
+        **(
+            {"predictions": preds["text"].tolist(), "labels": labels.tolist()}
+            if keep_predictions
+            else {}
+        ),
     }
