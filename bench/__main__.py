@@ -24,6 +24,7 @@ QUESTIONS = {
         "bench.accuracy",
         "what CMKD and RST buy: seeds, paired differences, CIs (the study)",
     ),
+    "rst_layers": ("bench.rst_layers", "where a sparse adapter's changed weights sit, per layer"),
     "rst_overhead": ("bench.rst_overhead", "training-step time of RST against plain fine-tuning"),
     "zeroshot": (
         "bench.zeroshot",
