@@ -164,6 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "      classifier read through WordNet (`deltaclip base labels` shows how; docs/METHOD.md §8)"
     )
     from trainer import main as train_main
+    from trainer.cli import loss_terms_line
 
     trained: dict[str, dict[str, Any]] = {}
     for shift in args.shifts:
@@ -182,6 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"      {task} v{metrics['version']}: {metrics['nnz']:,} weights changed "
               f"({metrics['density']:.4%} of the tower), target accuracy {metrics['target_accuracy']:.1%} "
               f"(teacher {metrics['target_teacher_accuracy']:.1%})")  # fmt: skip
+        if metrics.get("loss_terms_last_step"):  # the teacher at work: its terms, as weighted
+            print(f"      {loss_terms_line(metrics['loss_terms_last_step'])}")
 
     port = _free_port(args.port)
     url = f"http://127.0.0.1:{port}"

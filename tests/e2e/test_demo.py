@@ -36,8 +36,14 @@ def test_demo_trains_serves_and_agrees_with_eval(tmp_path: Path) -> None:
     assert re.search(r"negative\s+zero-shot accuracy [\d.]+%", out), out
     assert re.search(r"photo2negative v1: .* \(teacher [\d.]+%\)", out), out
     # The adapter keeps the promise: at most 0.5 % of the tower changed (the demo's budget).
-    density = re.search(r"photo2negative v1: [\d,]+ weights changed \(([\d.]+)% of the tower\)", out)
+    density = re.search(
+        r"photo2negative v1: [\d,]+ weights changed \(([\d.]+)% of the tower\)", out
+    )
     assert density and 0 < float(density.group(1)) <= 0.5, out
+    # The teacher's terms at their final weight: the ramp spans the run, λ(T) at its last step.
+    assert re.search(
+        r"loss terms at the last step \(weighted\): L_cls [\d.]+, .*λ = 0\.462", out
+    ), out
     served = re.search(r"photo2negative v1 \(\w+…\): accuracy ([\d.]+)% on (\d+) images", out)
     assert served, out
     assert int(served.group(2)) == 30
