@@ -94,6 +94,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=d.block_size,
         help="change weights in blocks of B consecutive elements (1, 2, 4, 8, 16; default 1)",
     )
+    r.add_argument(
+        "--budget-at-end",
+        action="store_true",
+        help="apply --max-density once after the last step instead of after every step",
+    )
     r.add_argument("--residual-dtype", choices=RESIDUAL_DTYPES, default=d.residual_dtype)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs)
@@ -155,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions,
         block_size=args.block_size,
         epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr,
         head_lr_mult=args.head_lr_mult, label_smoothing=args.label_smoothing,
-        ramp_iters=args.ramp_iters, adabn=args.adabn,
+        ramp_iters=args.ramp_iters, adabn=args.adabn, budget_at_end=args.budget_at_end,
         lambda1=args.lambda1, lambda2=args.lambda2, lambda3=args.lambda3,
         fixmatch_weight=args.fixmatch_weight, fixmatch_threshold=args.fixmatch_threshold,
         image_size=args.image_size, prompt_template=args.prompt_template, seed=args.seed,

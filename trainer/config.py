@@ -73,6 +73,7 @@ class TrainConfig:
     tau: float | None = None
     max_density: float | None = None
     block_size: int = 1  # RST in blocks of B consecutive weights (1: the paper's RST)
+    budget_at_end: bool = False  # the density budget once, after the last step (not every step)
     epochs: int = 20
     iters_per_epoch: int = 500
     batch_size: int = 32
@@ -168,6 +169,8 @@ class TrainConfig:
             problems.append(f"residual dtype must be one of {', '.join(RESIDUAL_DTYPES)}")
         if self.tau is not None and not self.tau >= 0:
             problems.append(f"tau must be >= 0, got {self.tau}")
+        if self.budget_at_end and self.max_density is None:
+            problems.append("--budget-at-end needs a budget (--max-density)")
         if self.max_density is not None and not 0 < self.max_density <= 1:
             problems.append(f"max density must be in (0, 1], got {self.max_density}")
         if self.block_size != 1 and self.block_size not in BLOCK_SIZES:

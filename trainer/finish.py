@@ -50,6 +50,8 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         ExactnessError: the adapter would not reproduce the evaluated tower.
     """
     session, cfg, plan = run.session, run.cfg, run.plan
+    if session.rst.finalize():  # a budget deferred to the end: what is served is pruned
+        run.last_eval = None
     served, snapped = snap(session.base_state(), session.tower_state(), cfg.residual_dtype)
     if snapped:  # report, and store, exactly what the adapter will serve
         session.set_tower(served)

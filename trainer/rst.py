@@ -162,6 +162,8 @@ class ResidualSparsity:
         max_density: at most this fraction of ``eligible`` weights may differ from the base.
         block_size: ``B``; 1 is the paper's RST, above 1 weights change in aligned blocks of
             ``B`` consecutive flat elements (module docstring).
+        budget_at_end: apply the budget once, when training is over (:meth:`finalize`), instead
+            of after every step; the threshold reset still runs after every step.
     """
 
     def __init__(
@@ -170,8 +172,10 @@ class ResidualSparsity:
         tau: float,
         max_density: float | None = None,
         block_size: int = 1,
+        budget_at_end: bool = False,
     ) -> None:
         self.params = dict(params)
+        self.budget_at_end = budget_at_end
         self.base = frozen_copy(self.params)
         self.tau = tau
         self.block_size = block_size
@@ -186,13 +190,23 @@ class ResidualSparsity:
         (stored weights, ``B`` per changed block, when ``block_size > 1``)."""
         b = self.block_size
         nnz = threshold_reset(self.params, self.base, self.tau, b)
-        if nnz > self.max_changed:
-            if b == 1:
-                nnz = enforce_budget(self.params, self.base, self.max_changed)
-            else:
-                nnz = enforce_block_budget(self.params, self.base, self.max_changed // b, b)
-        self.nnz = nnz
-        return nnz
+        self.nnz = nnz if self.budget_at_end else self._within_budget(nnz)
+        return self.nnz
+
+    def _within_budget(self, nnz: int) -> int:
+        b = self.block_size
+        if nnz <= self.max_changed:
+            return nnz
+        if b == 1:
+            return enforce_budget(self.params, self.base, self.max_changed)
+        return enforce_block_budget(self.params, self.base, self.max_changed // b, b)
+
+    def finalize(self) -> bool:
+        """At the end of training: apply a budget deferred to the end; whether weights changed."""
+        if not self.budget_at_end or self.nnz <= self.max_changed:
+            return False
+        self.nnz = self._within_budget(self.nnz)
+        return True
 
     @property
     def density(self) -> float:

@@ -43,7 +43,9 @@ class Session:
         self.model = CMKDModel(net, head, TextHead(class_embeddings, logit_scale)).to(device)
         self.tower = tower_parameters(net)
         tau = float(cfg.require(cfg.tau, "tau"))
-        self.rst = ResidualSparsity(self.tower, tau, cfg.max_density, cfg.block_size)
+        self.rst = ResidualSparsity(
+            self.tower, tau, cfg.max_density, cfg.block_size, cfg.budget_at_end
+        )
         lr = float(cfg.require(cfg.lr, "lr"))
         mult = float(cfg.require(cfg.head_lr_mult, "head_lr_mult"))
         self.optimizer = torch.optim.SGD(

@@ -138,3 +138,17 @@ def test_the_command_prints_the_weighted_terms(
     assert "λ1·λ·GI_alpha(p_h)" in out and "λ3·λ·GI(p_g)" in out and "λ = 0.462" in out
     metrics = trainer_main([*argv, "--ramp-iters", "40", "-o", str(tmp_path / "b.safetensors")])
     assert metrics["loss_terms_last_step"]["ramp"] == pytest.approx(reference_lambda(4, 40))
+
+
+def test_a_budget_at_the_end_trains_free_and_serves_within_the_budget(
+    domains: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg = config(domains, budget_at_end=True, max_density=0.01, lr=1e-3, epochs=1)
+    result = train(cfg, options(tmp_path), StoreSettings(home=tmp_path))
+    meta = decode_adapter(result.adapter_path.read_bytes()).meta
+    trained = log_lines(result.log_path)[-1]["density"]
+    assert trained > 0.01  # no budget during training: more than 1 % moved ...
+    assert 0 < meta.density <= 0.01 and result.metrics["density"] == meta.density  # ... not served
+    assert meta.train_config["budget_at_end"] is True
+    with pytest.raises(TrainError, match="--budget-at-end needs a budget"):
+        config(domains, budget_at_end=True, max_density=None).validate()

@@ -194,3 +194,18 @@ def test_import_finetune_keeps_whole_blocks_within_the_density() -> None:
     assert torch.equal(kept[:8], tuned["visual.w"][:8]) and not kept[8:].any()
     with pytest.raises(CheckpointRefused, match="block size 3"):
         keep_largest(base, tuned, 0.25, block_size=3)
+
+
+def test_a_budget_at_the_end_leaves_training_free_then_keeps_the_largest_changes() -> None:
+    start = torch.zeros(6)
+    params = {"a": nn.Parameter(start.clone())}
+    rst = ResidualSparsity(params, tau=0.05, max_density=0.5, budget_at_end=True)
+    with torch.no_grad():
+        params["a"].copy_(torch.tensor([0.3, -0.2, 0.01, 0.5, 0.1, -0.4]))
+    assert rst.apply() == 5  # the threshold reset runs (0.01 goes back), the budget does not
+    assert torch.equal(params["a"].detach(), torch.tensor([0.3, -0.2, 0.0, 0.5, 0.1, -0.4]))
+    assert rst.finalize() is True  # now the 3 largest of the 5 are kept
+    assert torch.equal(params["a"].detach(), torch.tensor([0.3, 0.0, 0.0, 0.5, 0.0, -0.4]))
+    assert rst.nnz == 3 == rst.recount() and rst.finalize() is False
+    throughout = ResidualSparsity({"a": nn.Parameter(start.clone())}, 0.05, 0.5)
+    assert throughout.finalize() is False  # nothing deferred: the budget already held each step
