@@ -56,6 +56,8 @@ class Setting:
     max_density: float | None = None
     extra: tuple[str, ...] = ()  # further ``deltaclip train`` arguments
     core: bool = False
+    lr_mult: float = 1.0  # the run's image-tower lr: the chosen lr × this
+    variant_of: str | None = None  # a retention variant of this row (chosen on source-val)
 
 
 def settings(budgets: list[float], budget_tau: float, block_budget: float) -> list[Setting]:
@@ -78,6 +80,18 @@ def settings(budgets: list[float], budget_tau: float, block_budget: float) -> li
                             core=d == max(budgets)))  # fmt: skip
     rows.append(Setting(f"cmkd-rst-{block_budget:g}-b16", f"CMKD + RST ≤ {block_budget:.2%}, B = 16",
                         "cmkd", budget_tau, block_budget, extra=("--block-size", "16")))  # fmt: skip
+    # RST retention: variants of the largest budget's row that the method allows; the study
+    # picks one on the source validation images (never the target's labels).
+    top = max(budgets)
+    base = f"cmkd-rst-{top:g}"
+    rows += [
+        Setting(f"{base}-end", f"CMKD + RST ≤ {top:.2%}, budget applied at the end", "cmkd",
+                budget_tau, top, extra=("--budget-at-end",), variant_of=base),
+        Setting(f"{base}-lr3x", f"CMKD + RST ≤ {top:.2%}, image-tower lr × 3", "cmkd", budget_tau,
+                top, lr_mult=3.0, variant_of=base),
+        Setting(f"{base}-lr10x", f"CMKD + RST ≤ {top:.2%}, image-tower lr × 10", "cmkd",
+                budget_tau, top, lr_mult=10.0, variant_of=base),
+    ]  # fmt: skip
     return rows
 
 
@@ -317,7 +331,7 @@ class Study:
                 for row in self.rows:
                     if seed < (a.core_seeds if row.core else a.other_seeds):
                         key = f"{shift}/{row.key}/s{seed}"
-                        specs.append(self.spec(key, shift, row, seed, lr, folders))
+                        specs.append(self.spec(key, shift, row, seed, lr * row.lr_mult, folders))
         return specs
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.accuracy_report import difference_table, report, verdicts
+from bench.accuracy_report import difference_table, report, retention_table, verdicts
 from bench.accuracy_stats import interval, mcnemar, mean_over_shifts, paired, ratio
 
 SHIFTS = ["a", "b"]
@@ -99,3 +99,29 @@ def test_verdicts_say_whether_each_claim_is_resolved(tmp_path: Path) -> None:
     assert "| cmkd-ft | 3 |" in table and "| yes |" in table
     report(data, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_rst_variant_is_chosen_on_source_validation_never_on_target_labels() -> None:
+    def with_val(row: dict[str, Any], val: float) -> dict[str, Any]:
+        row["scores"]["source_val"] = {"accuracy": val}
+        return row
+
+    rows = []
+    for seed in range(3):
+        for shift in SHIFTS:
+            rows += [
+                with_val(run(shift, "cmkd-ft", seed, "0000011111"), 0.9),
+                # the base RST row: worse on the target, better on the source validation images
+                with_val(run(shift, "cmkd-rst-0.005", seed, "0000011100"), 0.8),
+                with_val(run(shift, "cmkd-rst-0.005-lr3x", seed, "0000011111"), 0.7),
+            ]
+    data = study(rows)
+    data["settings"] = [
+        {"key": "cmkd-ft", "label": "CMKD FT"},
+        {"key": "cmkd-rst-0.005", "label": "RST"},
+        {"key": "cmkd-rst-0.005-lr3x", "label": "RST lr×3", "variant_of": "cmkd-rst-0.005"},
+    ]
+    keep = verdicts(data)["RST ≤ 0.5 % keeps ≥ 97 % of CMKD full fine-tuning"]
+    assert keep["row"] == "cmkd-rst-0.005" and keep["chosen_on_source_val"] is True
+    assert keep["retention"] == pytest.approx(0.8) and keep["met"] is False
+    assert "| RST **(chosen)** | 80.0 (3 seeds) |" in retention_table(data)
