@@ -41,9 +41,7 @@ def test_the_source_validation_folder_is_labelled_and_disjoint_from_training(
     if not all((data.DEBIAN_DIR / name).is_file() for name in data.FILES["train"]):
         pytest.fail(f"Debian's dataset-fashion-mnist is not installed ({data.DEBIAN_DIR})")
     kw = dict(source_per_class=3, target_per_class=2, test_per_class=2, seed=5)
-    with_val, _ = data.prepare_domains(
-        tmp_path / "a", ["faded"], **kw, source_val_per_class=4
-    )
+    with_val, _ = data.prepare_domains(tmp_path / "a", ["faded"], **kw, source_val_per_class=4)
     without, _ = data.prepare_domains(tmp_path / "b", ["faded"], **kw)
 
     def names(folder: Path) -> set[str]:
