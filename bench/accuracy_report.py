@@ -168,7 +168,8 @@ def verdict_text(data: dict[str, Any]) -> str:
             ci = "" if v["ci95"] is None else f" ± {100 * v['ci95']:.1f}"
             lines.append(f"- {claim} ({v['row']}): retention {100 * v['retention']:.1f}{ci} % over {v['seeds']} "
                          f"seeds: target {'met' if v['met'] else 'missed'}"
-                         + ("" if v["resolved"] else " (the CI includes 97 %: not resolved)"))  # fmt: skip
+                         + ("" if v["resolved"] else " (no CI from one seed)" if v["ci95"] is None
+                            else " (the CI includes 97 %: not resolved)"))  # fmt: skip
         else:
             ci = "" if v["ci95"] is None else f" ± {100 * v['ci95']:.1f}"
             state = ("resolved: it holds" if v["holds"] else "resolved: it does not hold"
