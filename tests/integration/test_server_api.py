@@ -167,8 +167,9 @@ def test_200_concurrent_requests_over_5_tasks_with_a_one_adapter_cache(
         for task, img, body in results:
             assert body["task"] == task
             assert_same(body, want[task][img : img + 1])
-        base = c.get("/base").json()
+        base = c.post("/admin/base/check", headers=admin).json()  # checked now, not cached
         assert base["unchanged"] and base["live_fingerprint"] == sig.fingerprint
+        assert base["consistent"] and base["age_s"] < 5
         assert base["cached_adapters"] <= 1
         metrics = c.get("/metrics").text
         assert "deltaclip_cache_evictions_total" in metrics and "deltaclip_swaps_total" in metrics

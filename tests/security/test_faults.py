@@ -197,7 +197,7 @@ def test_corrupted_blob_fails_its_task_only_and_re_registering_repairs_it(
     assert r.status_code == 200 and r.json()["version"] == 1, r.text
     assert api.post("/predict?task=victim", **png).status_code == 200
     assert api.get("/adapters/victim/versions/1/file").content == victim
-    assert api.get("/base").json()["unchanged"]
+    assert api.post("/admin/base/check", headers=ADMIN).json()["unchanged"]
 
 
 def test_corrupted_blob_is_reported_and_repaired_by_fsck(
