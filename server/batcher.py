@@ -212,6 +212,7 @@ class Batcher:
             if isinstance(item, Call):
                 self._run_call(item)
                 continue
+            self._round = [item]  # a dying worker fails the round's jobs too
             jobs, calls, stop = self._collect(item)
             self._run_round(jobs)
             for call in calls:
@@ -257,7 +258,10 @@ class Batcher:
 
         Terminates: admission keeps at most ``queue_size`` jobs waiting, and the jobs taken here
         still count as waiting, so producers cannot outrun the drain."""
-        jobs, calls, stop = [first], [], False
+        jobs: list[Job] = [first]
+        calls: list[Call] = []
+        stop = False
+        self._round = jobs
         images = first.images.shape[0]
         deadline = time.perf_counter() + self.max_wait_s
         while True:
