@@ -252,3 +252,45 @@ def test_a_client_that_hangs_up_while_queued_frees_its_place_and_its_job_never_r
         assert first.result(30).status_code == 200
     assert httpx.post(f"{url}/predict?task=t", **IMG).status_code == 200
     assert ran == ["t", "t"]  # the first request and the last: never the one that hung up
+
+
+def test_base_serves_the_cached_proof_without_touching_the_worker(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(server_settings.model_copy(update={"base_check_s": 3600.0}))
+    with TestClient(app) as c:
+        wait_ready(c)
+        register(c, tiny, "t", 1)
+        assert c.post("/predict?task=t", **IMG).status_code == 200  # "t" is patched now
+        runtime = app.state.runtime
+        hashes: list[int] = []
+        fingerprint = runtime.engine.base_fingerprint
+
+        def counted() -> str:
+            hashes.append(1)
+            return fingerprint()
+
+        runtime.engine.base_fingerprint = counted
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: c.get("/base"), range(40)))
+        assert len(answers) == 40 and {r.status_code for r in answers} == {200}
+        body = answers[-1].json()
+        assert body["unchanged"] and body["consistent"] and body["mismatches"] == 0
+        assert body["live_fingerprint"] == body["serving_fingerprint"]
+        assert body["age_s"] >= 0 and body["checked_at"] <= time.time()
+        assert hashes == []  # the proof from start-up, served from memory
+        assert runtime.engine.current is not None  # and nothing restored the base for it
+        assert c.post("/admin/base/check").status_code == 401
+        fresh = c.post("/admin/base/check", headers=ADMIN).json()
+        assert hashes == [1] and fresh["checked_at"] > body["checked_at"]
+        assert c.get("/base").json()["checked_at"] == fresh["checked_at"]
+
+
+def test_the_base_is_checked_between_rounds_when_a_check_is_due(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(server_settings.model_copy(update={"base_check_s": 0.05}))
+    with TestClient(app) as c:
+        wait_ready(c)
+        register(c, tiny, "t", 1)
+        first = c.get("/base").json()["checked_at"]
+        assert c.post("/predict?task=t", **IMG).status_code == 200
+        # No admin call: the worker checks on its own, between rounds and when idle.
+        eventually(lambda: c.get("/base").json()["checked_at"] > first, "a periodic check")
+        assert c.get("/base").json()["unchanged"]
