@@ -32,6 +32,7 @@ from tests.security.helpers import (
 )
 
 READ_TIMEOUT = 1.5
+KEEP_ALIVE = 2
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("hygiene")
     url = f"sqlite:///{root / 'catalog.db'}"
     upgrade(url)
-    env = {"DELTACLIP_READ_TIMEOUT_S": str(READ_TIMEOUT), "DELTACLIP_MAX_HEAD_BYTES": "65536"}
+    env = {
+        "DELTACLIP_READ_TIMEOUT_S": str(READ_TIMEOUT),
+        "DELTACLIP_MAX_HEAD_BYTES": "65536",
+        "DELTACLIP_KEEP_ALIVE_S": str(KEEP_ALIVE),
+    }
     proc = start_server(root / "home", url, env=env)
     yield proc
     proc.stop()
@@ -161,6 +166,19 @@ def test_the_connection_survives_an_error_answer(server: ServerProcess) -> None:
         for path, status in (("/adapters/nope", 404), ("/healthz", 200), ("/predict", 405)):
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert statuses(read_response(sock)) == [status], path
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(server: ServerProcess) -> None:
+    """After an answer the connection stays open for the next request, and an idle one is closed
+    (silently: nothing was asked) after KEEP_ALIVE_S, not kept for ever."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=KEEP_ALIVE + 5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(read_response(sock)) == [200]
+        idle = time.monotonic()
+        rest = read_until_closed(sock)  # socket.timeout (a failure) if it is never closed
+        waited = time.monotonic() - idle
+    assert rest == b""
+    assert KEEP_ALIVE - 0.2 <= waited < KEEP_ALIVE + 3, waited
 
 
 def read_response(sock: socket.socket) -> bytes:
