@@ -232,6 +232,12 @@ class Registry:
         if version is not None:
             return self.get(task, version)
         with self.catalog.read() as s:
+            # One snapshot for the alias read and the version read: under PostgreSQL's default
+            # READ COMMITTED each statement sees its own snapshot, so another replica moving the
+            # alias and deleting the old version in between would give a wrong 404. (SQLite's
+            # read transaction is already one snapshot.)
+            if s.get_bind().dialect.name == "postgresql":
+                s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             if alias is not None:
                 check_name(alias, "alias")
                 target = s.execute(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -56,6 +57,14 @@ class AdapterLoader:
 
 
 class AdapterCache:
+    """Prepared adapters by digest, LRU by bytes, with one load per digest in flight.
+
+    Atomic: a finished load enters the cache in the same locked step that retires its flight, so
+    no request sees neither (and starts a duplicate load). :meth:`evict` (a delete) also cancels
+    the entry a load in flight would make: the load's waiters still get their adapter, but it is
+    not cached. Pins are per task: :meth:`pin` moves a task's pin to its current digest.
+    """
+
     def __init__(
         self, loader: AdapterLoader, max_bytes: int, metrics: Metrics, workers: int = 2
     ) -> None:
@@ -63,7 +72,7 @@ class AdapterCache:
         self.max_bytes = max_bytes
         self._metrics = metrics
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
-        self._pinned: set[str] = set()
+        self._pins: dict[str, str] = {}  # task -> the digest pinned for it
         self._loading: dict[str, concurrent.futures.Future[PreparedAdapter]] = {}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -88,9 +97,17 @@ class AdapterCache:
         with self._lock:
             return list(self._entries)
 
+    def loading(self) -> list[str]:
+        """Digests with a load in flight."""
+        with self._lock:
+            return list(self._loading)
+
     async def get(self, record: AdapterRecord) -> PreparedAdapter:
-        """The prepared adapter for ``record`` (a catalog record with ``digest``)."""
-        return await asyncio.wrap_future(self.get_future(record))
+        """The prepared adapter for ``record`` (a catalog record with ``digest``).
+
+        Shielded: a waiter that is cancelled stops waiting, but the shared load goes on for the
+        others (and for the cache)."""
+        return await asyncio.shield(asyncio.wrap_future(self.get_future(record)))
 
     def get_future(self, record: AdapterRecord) -> concurrent.futures.Future[PreparedAdapter]:
         with self._lock:
@@ -104,43 +121,69 @@ class AdapterCache:
             future = self._loading.get(record.digest)
             if future is None:
                 self._metrics.cache_misses.inc()
-                future = self._pool.submit(self._load, record)
+                future = concurrent.futures.Future()
+                future.set_running_or_notify_cancel()  # nobody can cancel a shared load
                 self._loading[record.digest] = future
+                try:
+                    self._pool.submit(self._load, record, future)
+                except RuntimeError as exc:  # the pool is shut down (closing)
+                    del self._loading[record.digest]
+                    future.set_exception(exc)
             return future
 
-    def _load(self, record: AdapterRecord) -> PreparedAdapter:
+    def _load(
+        self, record: AdapterRecord, future: concurrent.futures.Future[PreparedAdapter]
+    ) -> None:
         start = time.perf_counter()
         try:
             prepared = self._loader(record)
-        finally:
+        except BaseException as exc:
             with self._lock:
-                self._loading.pop(record.digest, None)
+                if self._loading.get(record.digest) is future:
+                    del self._loading[record.digest]
+            _settle(future, error=exc)
+            return
         self._metrics.cold_load.observe(time.perf_counter() - start)
-        with self._lock:
-            if record.digest not in self._entries:
-                self._entries[record.digest] = prepared
-                self.bytes += prepared.nbytes
-                self._evict_locked()
-        return prepared
+        with self._lock:  # one step: the flight retires and the entry appears together
+            if self._loading.get(record.digest) is future:  # not evicted (deleted) meanwhile
+                del self._loading[record.digest]
+                if record.digest not in self._entries:
+                    self._entries[record.digest] = prepared
+                    self.bytes += prepared.nbytes
+                    self._evict_locked()
+        _settle(future, prepared)
 
     def _evict_locked(self) -> None:
+        pinned = set(self._pins.values())
         for digest in list(self._entries):
             if self.bytes <= self.max_bytes:
                 break
-            if digest in self._pinned:
+            if digest in pinned:
                 continue
             self.bytes -= self._entries.pop(digest).nbytes
             self._metrics.cache_evictions.inc()
         self._metrics.cache_bytes.set(self.bytes)
 
-    def pin(self, digest: str) -> None:
+    def pin(self, task: str, digest: str) -> str | None:
+        """Pin ``task`` to ``digest`` (its current resolution); the digest it was pinned to
+        before, if another, is no longer pinned (and becomes evictable). Returns that one."""
         with self._lock:
-            self._pinned.add(digest)
+            old = self._pins.get(task)
+            self._pins[task] = digest
+            if old is not None and old != digest:
+                self._evict_locked()
+        return old if old != digest else None
+
+    def pins(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._pins)
 
     def evict(self, digest: str) -> bool:
-        """Drop one entry now (e.g. after its adapter was deleted); running requests keep theirs."""
+        """Drop one digest now (e.g. after its adapter was deleted), and the entry a load in
+        flight for it would make; requests already holding it, or waiting on that load, finish
+        with it. A pin on it stays (the task's pin moves when it is re-resolved)."""
         with self._lock:
-            self._pinned.discard(digest)
+            self._loading.pop(digest, None)
             entry = self._entries.pop(digest, None)
             if entry is not None:
                 self.bytes -= entry.nbytes
@@ -150,3 +193,21 @@ class AdapterCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            flights, self._loading = list(self._loading.values()), {}
+        for future in flights:  # a load the shutdown cancelled would leave its waiters hanging
+            if not future.done():
+                future.set_exception(RuntimeError("the adapter cache is closing"))
+
+
+def _settle(
+    future: concurrent.futures.Future[PreparedAdapter],
+    value: PreparedAdapter | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Resolve a load's future unless :meth:`AdapterCache.close` already failed it."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]

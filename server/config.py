@@ -22,6 +22,12 @@ class ServerSettings(StoreSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="waiting longer than this gives 504")
     cache_bytes: int = Field(1 << 30, ge=0, description="prepared adapters kept in memory (LRU)")
     pin: list[str] = Field(default_factory=list, description="tasks preloaded and never evicted")
+    pin_refresh_s: float = Field(
+        10.0, gt=0, description="pinned tasks are re-resolved this often (aliases moved elsewhere)"
+    )
+    base_check_s: float = Field(
+        60.0, gt=0, description="the live weights are checked at most this often, between rounds"
+    )
     max_request_bytes: int = Field(32 << 20, ge=1, description="largest /predict body")
     max_upload_bytes: int = Field(256 << 20, ge=1, description="largest adapter upload")
     max_image_pixels: int = Field(

@@ -7,6 +7,7 @@ reads only the pristine host copy and may run on any thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from adapters_store.zeroshot import class_embeddings
 
 from .images import EvalTransforms, Transform
 from .patcher import FlatPatcher, PreparedResidual
+
+log = logging.getLogger("deltaclip.server")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,6 +58,9 @@ class Engine:
         self.serving_fingerprint = base_fingerprint(self.net)
         self.current: PreparedAdapter | None = None
         self.swaps = 0
+        self.failed_switches = 0
+        self.resets = 0  # whole-base resets after a failed switch or a worker restart
+        self._dirty = False  # set while a switch or reset is in progress or after it failed
         self._text_lock = threading.Lock()
 
     def transform_for(self, train_config: dict[str, Any] | None = None) -> Transform:
@@ -74,14 +80,49 @@ class Engine:
         )
 
     def _switch(self, target: PreparedAdapter | None) -> None:
-        if self.current is target:
+        """Make ``target`` the patched adapter (None: the bare base).
+
+        Exception-safe: if restoring the current adapter or patching the target raises partway,
+        the live weights are reset to the pristine base as a whole and the record says "no
+        adapter" before the error leaves, so :attr:`current` and the live weights never
+        disagree (the next request for either adapter patches it afresh).
+        """
+        if self.current is target and not self._dirty:
             return
-        if self.current is not None:
-            self.patcher.restore(self.current.residual)
-        if target is not None:
-            self.patcher.patch(target.residual)
-            self.swaps += 1
-        self.current = target
+        try:
+            if self._dirty:  # an earlier reset failed: start again from the pristine base
+                self.reset()
+            self._dirty = True  # until the weights are known to match the record again
+            if self.current is not None:
+                self.patcher.restore(self.current.residual)
+            self.current = None
+            if target is not None:
+                self.patcher.patch(target.residual)
+                self.swaps += 1
+            self.current = target
+            self._dirty = False
+        except BaseException:
+            self.failed_switches += 1
+            log.error("adapter switch failed; resetting the live weights to the pristine base")
+            self.current = None
+            self.reset()  # if this raises too, _dirty stays set and the next switch retries it
+            raise
+
+    def reset(self) -> None:
+        """The exact base from the pristine copy, recorded as "no adapter" (the recovery path
+        after a failed switch or a worker restart; never needed by a switch that succeeds)."""
+        self._dirty = True
+        self.current = None
+        self.patcher.reset()
+        self._dirty = False
+        self.resets += 1
+
+    def verify(self) -> bool:
+        """True when the live weights are exactly what :attr:`current` says (worker thread only;
+        reads, repairs nothing)."""
+        if self._dirty:
+            return False
+        return self.patcher.matches(self.current.residual if self.current is not None else None)
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,9 +145,9 @@ class Engine:
     def restore_base(self) -> None:
         self._switch(None)
 
-    def fingerprint(self) -> str:
-        """The base's fingerprint now (worker thread only: restores the base first)."""
-        self._switch(None)
+    def base_fingerprint(self) -> str:
+        """The fingerprint of the weights now (worker thread only). Hashes the live weights as
+        they are: callers restore the base first (a normal switch) after :meth:`verify`."""
         return base_fingerprint(self.net)
 
     @torch.inference_mode()

@@ -187,6 +187,31 @@ class FlatPatcher:
     def restore(self, prepared: PreparedResidual) -> None:
         self._write(prepared, prepared.original_values, prepared.block_original)
 
+    def reset(self) -> None:
+        """Copy the whole pristine base back into the live buffers: the exact base, whatever a
+        failed patch or restore left behind (it does not trust any adapter's saved values)."""
+        with torch.no_grad():
+            for dtype, buf in self.flat.items():
+                buf.copy_(self.pristine[dtype])
+
+    def matches(self, prepared: PreparedResidual | None) -> bool:
+        """True when the live weights are bit for bit the base with ``prepared`` patched in (the
+        base itself for None): the check that the engine's record of what is patched is true.
+        Reads only; builds the expected buffers on the host."""
+        for dtype, buf in self.flat.items():
+            expected = self.pristine[dtype].clone()
+            if prepared is not None:
+                idx = prepared.indices.get(dtype)
+                if idx is not None:
+                    expected.index_copy_(0, idx.cpu(), prepared.task_values[dtype].cpu())
+                for (group_dtype, width), row in prepared.block_rows.items():
+                    if group_dtype == dtype:
+                        items = prepared.block_task[dtype, width].cpu()
+                        item_view(expected, width).index_copy_(0, row.cpu(), items)
+            if not torch.equal(_bits(buf.cpu()), _bits(expected)):
+                return False
+        return True
+
     def is_pristine(self) -> bool:
         """True when the live weights equal the loaded base bit for bit."""
         return all(

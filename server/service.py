@@ -2,30 +2,38 @@
 and the status reads. Routes parse the request, make one call here and shape the answer.
 
 Each operation that needs the base model checks readiness once, at its start (503
-``not_ready`` before anything else happens). Request bodies are passed in as readers and read
-only after the cheap checks have passed, so a request for an unknown task is refused before its
-(possibly large) body is buffered. docs/API.md describes the HTTP side of each operation.
+``not_ready`` before anything else happens). A prediction then takes its place in the queue
+(503 ``overloaded`` when full) before any lookup, load or decode. Request bodies are passed in as
+readers and read only after the cheap checks have passed, so a request for an unknown task is
+refused before its (possibly large) body is buffered. A prediction whose client gives up
+(timeout, cancellation, disconnect) drops its job before it runs and frees its place.
+docs/API.md describes the HTTP side of each operation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from prometheus_client import generate_latest
+from starlette.requests import ClientDisconnect
 
 from adapters_store.records import AdapterRecord, Page, Registration
 
-from .batcher import Batcher, BatchFn, QueueFull
+from .baseproof import BaseProof
+from .batcher import Batcher, CallTimeout, QueueFull, WorkerDown
 from .config import ServerSettings
-from .errors import Overloaded, Timeout
-from .runtime import Runtime
+from .errors import NotReady, Overloaded, Timeout
+from .runtime import Runtime, Serving
+from .work import BatchFn, Ticket
 
 log = logging.getLogger("deltaclip.server")
 
@@ -33,6 +41,8 @@ ReadImages = Callable[[], Awaitable[list[bytes]]]
 """Reads the request's image files (called once the request is known to be answerable)."""
 ReadAdapter = Callable[[], Awaitable[tuple[bytes, str | None]]]
 """Reads an uploaded adapter file and the alias to give it, if any."""
+Gone = Callable[[], Awaitable[None]]
+"""Returns when the client has disconnected (after its body was read)."""
 
 _TEXT_CACHE_SIZE = 256
 
@@ -58,6 +68,10 @@ class BaseStatus:
     serving_fingerprint: str
     live_fingerprint: str
     unchanged: bool
+    consistent: bool
+    checked_at: float
+    age_s: float
+    mismatches: int
     swaps: int
     cached_adapters: int
     cache_bytes: int
@@ -82,60 +96,108 @@ class Service:
     # ------------------------------------------------------------------------------ inference
 
     async def classify(
-        self, task: str, version: int | None, alias: str | None, read: ReadImages
+        self,
+        task: str,
+        version: int | None,
+        alias: str | None,
+        read: ReadImages,
+        gone: Gone | None = None,
     ) -> Prediction:
         """Resolve the task's adapter, decode the images at its training size and run them.
 
         The store refuses a version and an alias together (400 ``invalid_request``)."""
         start = time.perf_counter()
         serving = self.runtime.require_ready()
-        registry = self.runtime.registry
-        record = await asyncio.to_thread(registry.resolve, task, version, alias)
-        # The adapter first: its cold load re-checks what serving reads (image size among it),
-        # so a stored adapter from before those checks is refused before any image is decoded.
-        prepared = await serving.cache.get(record)
-        files = await read()
-        images = await asyncio.to_thread(serving.images.batch, files, record.train_config)
-        run = partial(serving.engine.run, prepared)
-        probs = await self._infer(serving.batcher, prepared.digest, run, images)
+        with self._admitted(serving) as ticket:
+            record = await asyncio.to_thread(self.runtime.registry.resolve, task, version, alias)
+            # The adapter first: its cold load re-checks what serving reads (image size among
+            # it), so a stored adapter from before those checks is refused before any decode.
+            prepared = await serving.cache.get(record)
+            files = await read()
+            images = await asyncio.to_thread(serving.images.batch, files, record.train_config)
+            run = partial(serving.engine.run, prepared)
+            probs = await self._infer(serving.batcher, ticket, prepared.digest, run, images, gone)
         self.runtime.metrics.request_latency.labels(task=record.task).observe(
             time.perf_counter() - start
         )
         return Prediction(record, prepared.class_names, probs)
 
-    async def zero_shot(self, labels: list[str], read: ReadImages) -> torch.Tensor:
+    async def zero_shot(
+        self, labels: list[str], read: ReadImages, gone: Gone | None = None
+    ) -> torch.Tensor:
         """Probabilities ``[N, len(labels)]`` from the base's text head (no adapter)."""
         serving = self.runtime.require_ready()
-        # The labels first: one the base's text side cannot place is refused (400) before the
-        # body is read and any image decoded.
-        key = tuple(labels)
-        emb = self._text_cache.get(key)
-        if emb is None:
-            emb = await asyncio.to_thread(serving.engine.text_embeddings, labels)
-            self._text_cache[key] = emb
-            while len(self._text_cache) > _TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-        files = await read()
-        images = await asyncio.to_thread(serving.images.batch, files)
-        run = partial(serving.engine.run_zero_shot, emb)
-        return await self._infer(serving.batcher, ("zero-shot", key), run, images)
+        with self._admitted(serving) as ticket:
+            # The labels first: one the base's text side cannot place is refused (400) before
+            # the body is read and any image decoded.
+            key = tuple(labels)
+            emb = self._text_cache.get(key)
+            if emb is None:
+                emb = await asyncio.to_thread(serving.engine.text_embeddings, labels)
+                self._text_cache[key] = emb
+                while len(self._text_cache) > _TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+            files = await read()
+            images = await asyncio.to_thread(serving.images.batch, files)
+            run = partial(serving.engine.run_zero_shot, emb)
+            return await self._infer(serving.batcher, ticket, ("zero-shot", key), run, images, gone)
 
-    async def _infer(
-        self, batcher: Batcher, key: Hashable, fn: BatchFn, images: torch.Tensor
-    ) -> torch.Tensor:
-        """Queue the images for the model worker; 503 when the queue is full, 504 on timeout."""
+    @contextlib.contextmanager
+    def _admitted(self, serving: Serving) -> Iterator[Ticket]:
+        """A place in the queue for the whole request (503 at once when there is none), released
+        however the request ends (its job releases it earlier, when it starts running)."""
         try:
-            job = batcher.submit(key, fn, images)
+            ticket = serving.batcher.admit()
         except QueueFull:
             raise Overloaded("too many requests are waiting; retry shortly",
                              {"Retry-After": str(self.settings.retry_after_s)}) from None  # fmt: skip
-        timeout = self.settings.request_timeout_s
+        except WorkerDown as exc:
+            raise NotReady(f"the server is not ready: {exc}") from None
         try:
-            result: torch.Tensor = await asyncio.wait_for(asyncio.shield(job.future), timeout)
-        except TimeoutError:
-            job.abandoned = True  # the worker skips it if it has not run yet
-            raise Timeout(f"no answer within {timeout:g}s") from None
-        return result
+            yield ticket
+        finally:
+            ticket.release()
+
+    async def _infer(
+        self,
+        batcher: Batcher,
+        ticket: Ticket,
+        key: Hashable,
+        fn: BatchFn,
+        images: torch.Tensor,
+        gone: Gone | None,
+    ) -> torch.Tensor:
+        """Queue the images for the model worker; 504 on timeout. A job whose caller is
+        cancelled, times out or disconnects is dropped before it runs."""
+        try:
+            job = batcher.submit(key, fn, images, ticket)
+        except WorkerDown as exc:
+            raise NotReady(f"the server is not ready: {exc}") from None
+        timeout = self.settings.request_timeout_s
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        try:
+            waiting: set[asyncio.Future[Any]] = {job.future}
+            if watcher is not None:
+                waiting.add(watcher)
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done():
+                if not batcher.drop(job):  # already running: its answer will go unread
+                    job.future.add_done_callback(_consume)
+                if watcher is not None and watcher.done():
+                    raise ClientDisconnect
+                raise Timeout(f"no answer within {timeout:g}s")
+            try:
+                result: torch.Tensor = job.future.result()
+            except WorkerDown as exc:
+                raise NotReady(f"the server is not ready: {exc}") from None
+            return result
+        except asyncio.CancelledError:
+            if not batcher.drop(job):
+                job.future.add_done_callback(_consume)
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     # ------------------------------------------------------------------------------ admin
 
@@ -148,6 +210,7 @@ class Service:
         rec = result.record
         log.info("registered %s v%d (%s) created=%s",
                  rec.task, rec.version, rec.digest[:12], result.created)  # fmt: skip
+        await self.runtime.refresh_pins([rec.task])  # a new version or alias may move a pin
         return result
 
     async def delete(self, task: str, version: int) -> AdapterRecord:
@@ -156,14 +219,17 @@ class Service:
         if self.runtime.cache is not None:
             self.runtime.cache.evict(rec.digest)
         log.info("deleted %s v%d (%s)", rec.task, rec.version, rec.digest[:12])
+        await self.runtime.refresh_pins([rec.task])
         return rec
 
     async def set_alias(self, task: str, alias: str, version: int) -> None:
         await asyncio.to_thread(self.runtime.registry.set_alias, task, alias, version)
         log.info("alias %s@%s -> v%d", task, alias, version)
+        await self.runtime.refresh_pins([task])
 
     async def remove_alias(self, task: str, alias: str) -> None:
         await asyncio.to_thread(self.runtime.registry.remove_alias, task, alias)
+        await self.runtime.refresh_pins([task])
 
     # ------------------------------------------------------------------------------ status
 
@@ -177,6 +243,10 @@ class Service:
         return self.runtime.ready
 
     @property
+    def not_ready_reason(self) -> str:
+        return self.runtime.not_ready_reason
+
+    @property
     def loaded_fingerprint(self) -> str | None:
         return self.runtime.loaded_fingerprint
 
@@ -186,18 +256,45 @@ class Service:
             self.runtime.metrics.queue_depth.set(self.runtime.batcher.depth)
         return generate_latest(self.runtime.metrics.registry)
 
-    async def base_status(self) -> BaseStatus:
-        """The base as loaded and as its weights are now (read on the worker, between batches)."""
+    def base_status(self) -> BaseStatus:
+        """The base as loaded, and the last proof of its live weights with its age: cheap (no
+        hashing here, no call onto the worker), so it is safe to leave unauthenticated."""
         serving = self.runtime.require_ready()
+        proof = serving.check.proof
+        if proof is None:  # the first proof is made before the server turns ready
+            raise NotReady("the server is not ready: the base has not been checked yet")
+        return self._status(serving, proof)
+
+    async def check_base(self) -> BaseStatus:
+        """Check the live weights now, on the worker between rounds (admin; with a timeout)."""
+        serving = self.runtime.require_ready()
+        try:
+            proof = await serving.batcher.call(serving.check.run, self.settings.request_timeout_s)
+        except CallTimeout as exc:
+            raise Timeout(str(exc)) from None
+        except WorkerDown as exc:
+            raise NotReady(f"the server is not ready: {exc}") from None
+        return self._status(serving, proof)
+
+    def _status(self, serving: Serving, proof: BaseProof) -> BaseStatus:
         engine, cache, s = serving.engine, serving.cache, self.settings
-        now = str(await serving.batcher.call(engine.fingerprint))
         return BaseStatus(
-            model=s.base_model, pretrained=s.base_pretrained, device=str(engine.device),
-            dtype=s.dtype, fingerprint=self.runtime.loaded_fingerprint,
-            serving_fingerprint=engine.serving_fingerprint, live_fingerprint=now,
-            unchanged=now == engine.serving_fingerprint, swaps=engine.swaps,
-            cached_adapters=len(cache), cache_bytes=cache.bytes,
-        )  # fmt: skip
+            model=s.base_model,
+            pretrained=s.base_pretrained,
+            device=str(engine.device),
+            dtype=s.dtype,
+            fingerprint=self.runtime.loaded_fingerprint,
+            serving_fingerprint=engine.serving_fingerprint,
+            live_fingerprint=proof.live_fingerprint,
+            unchanged=proof.exact,
+            consistent=proof.consistent,
+            checked_at=proof.checked_at,
+            age_s=round(max(0.0, time.time() - proof.checked_at), 3),
+            mismatches=serving.check.mismatches,
+            swaps=engine.swaps,
+            cached_adapters=len(cache),
+            cache_bytes=cache.bytes,
+        )
 
     async def catalog(self, task: str | None, limit: int, offset: int) -> CatalogView:
         """A page of the catalog; the layer sizes are known once the base is loaded."""
@@ -212,3 +309,9 @@ class Service:
             shapes=sig.param_shapes if sig else None,
             base_fingerprint=sig.fingerprint if sig else None,
         )
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Read a dropped-too-late job's outcome, so nobody logs it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

@@ -25,7 +25,9 @@ async def read_files(
     """
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=max_files, max_fields=32, max_part_size=64 * 1024)
+        # One file more than allowed is parsed, so that the caller refuses it by meaning
+        # (413 ``too_many_images``) rather than Starlette by its own 400.
+        form = await request.form(max_files=max_files + 1, max_fields=32, max_part_size=64 * 1024)
         files: list[bytes] = []
         fields: dict[str, str] = {}
         for name, value in form.multi_items():

@@ -235,3 +235,51 @@ def test_fsck_repair_spares_a_fresh_orphan(registry: Registry) -> None:
     assert report.orphan_blobs == [fresh] and registry.blobs.exists(fresh)
     assert registry.fsck(repair=True, grace_seconds=0).repaired == [f"removed orphan blob {fresh}"]
     assert not registry.blobs.exists(fresh)
+
+
+@pytest.mark.parametrize("alias", [None, "production"])
+def test_resolve_is_one_snapshot_under_a_concurrent_move_and_delete(
+    registry: Registry, settings, tiny, alias: str | None
+) -> None:  # type: ignore[no-untyped-def]
+    """Another replica moves the alias to v2 and deletes v1 exactly between resolve's alias read
+    and its version read: resolve answers from one snapshot (v1, as the alias stood when it
+    began), never a 404 for a version it was just pointed at (issue 24)."""
+    from sqlalchemy import event
+
+    registry.register(_file(tiny, "t", 1), tiny[1])
+    registry.register(_file(tiny, "t", 2), tiny[1])
+    registry.set_alias("t", "production", 1)
+    other = Registry.from_settings(settings)  # the other replica: its own engine and connections
+    resolving = threading.get_ident()
+    statements: list[str] = []
+    moved = threading.Event()
+
+    def move_and_delete() -> None:
+        other.set_alias("t", "production", 2)
+        other.delete("t", 1)
+        moved.set()
+
+    def before(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if threading.get_ident() != resolving or moved.is_set():
+            return
+        if not statement.lstrip().upper().startswith("SELECT"):
+            return
+        statements.append(statement)
+        if len(statements) == 2:  # the alias was read; the version is read next
+            mover = threading.Thread(target=move_and_delete)
+            mover.start()
+            mover.join(30)
+
+    engine = registry.catalog.read_engine
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        record = registry.resolve("t", alias=alias)
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        other.close()
+    assert moved.is_set(), "the concurrent move and delete did not run"
+    assert "aliases" in statements[0].lower()
+    assert record.version == 1 and record.task == "t"
+    assert registry.resolve("t", alias=alias).version == 2  # and afterwards the move is seen
+    with pytest.raises(AdapterNotFound):
+        registry.get("t", 1)

@@ -167,8 +167,9 @@ def test_200_concurrent_requests_over_5_tasks_with_a_one_adapter_cache(
         for task, img, body in results:
             assert body["task"] == task
             assert_same(body, want[task][img : img + 1])
-        base = c.get("/base").json()
+        base = c.post("/admin/base/check", headers=admin).json()  # checked now, not cached
         assert base["unchanged"] and base["live_fingerprint"] == sig.fingerprint
+        assert base["consistent"] and base["age_s"] < 5
         assert base["cached_adapters"] <= 1
         metrics = c.get("/metrics").text
         assert "deltaclip_cache_evictions_total" in metrics and "deltaclip_swaps_total" in metrics
@@ -328,34 +329,39 @@ def test_backpressure_503_and_timeout_504(server_settings, tiny, admin) -> None:
     settings = server_settings.model_copy(
         update={"queue_size": 1, "max_batch": 1, "request_timeout_s": 1.0}
     )
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     app = create_app(settings)
     with TestClient(app) as c:
         wait_ready(c)
         register(c, admin, encode_adapter(random_adapter(*tiny, "t")))
-        engine = app.state.runtime.engine
+        runtime = app.state.runtime
+        engine = runtime.engine
         original = engine.run
 
         def blocked(*args, **kwargs):  # type: ignore[no-untyped-def]
-            release.wait(10)
+            started.set()
+            assert release.wait(30), "never released"
             return original(*args, **kwargs)
 
         engine.run = blocked
         img = {"content": png_bytes(0), "headers": {"content-type": "image/png"}}
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(c.post, "/predict?task=t", **img) for _ in range(3)]
-            statuses = sorted(f.result().status_code for f in futures)
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(c.post, "/predict?task=t", **img)
+            assert started.wait(30)  # the worker holds it; its queue place is free again
+            waiting = pool.submit(c.post, "/predict?task=t", **img)
+            deadline = time.monotonic() + 30
+            while runtime.batcher.depth != 1:  # the second request holds the only place
+                assert time.monotonic() < deadline, "the second request never queued"
+                time.sleep(0.01)
+            full = c.post("/predict?task=t", **img)
+            assert full.status_code == 503 and full.json()["error"]["code"] == "overloaded"
+            assert full.headers["retry-after"] == "1"
+            timed_out = waiting.result(30)
+            assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
+            assert runtime.batcher.depth == 0  # its job was dropped, its place freed at once
+            assert running.result(30).status_code == 504  # its caller gave up too
         release.set()
-        assert 503 in statuses and 504 in statuses, statuses
-        for f in futures:
-            r = f.result()
-            if r.status_code == 503:
-                assert r.headers["retry-after"] == "1"
         engine.run = original
-        runtime = app.state.runtime
-        deadline = time.monotonic() + 10  # the abandoned job may still sit in the size-1 queue
-        while runtime.batcher.depth and time.monotonic() < deadline:
-            time.sleep(0.02)
         assert c.post("/predict?task=t", **img).status_code == 200
 
 

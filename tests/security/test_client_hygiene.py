@@ -32,6 +32,7 @@ from tests.security.helpers import (
 )
 
 READ_TIMEOUT = 1.5
+KEEP_ALIVE = 2
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("hygiene")
     url = f"sqlite:///{root / 'catalog.db'}"
     upgrade(url)
-    env = {"DELTACLIP_READ_TIMEOUT_S": str(READ_TIMEOUT), "DELTACLIP_MAX_HEAD_BYTES": "65536"}
+    env = {
+        "DELTACLIP_READ_TIMEOUT_S": str(READ_TIMEOUT),
+        "DELTACLIP_MAX_HEAD_BYTES": "65536",
+        "DELTACLIP_KEEP_ALIVE_S": str(KEEP_ALIVE),
+    }
     proc = start_server(root / "home", url, env=env)
     yield proc
     proc.stop()
@@ -49,40 +54,47 @@ def body_of(raw: bytes) -> Any:
     return json.loads(raw.partition(b"\r\n\r\n")[2])
 
 
-def stalled(port: int, data: bytes, limit: float = 10.0) -> tuple[bytes, float]:
-    """Send ``data`` and then nothing; what the server answers, and when it closed."""
-    start = time.monotonic()
-    raw = raw_exchange(port, data, wait=limit)
-    return raw, time.monotonic() - start
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout is the
+    deadline: a server that never closes fails the test)."""
+    raw = b""
+    while data := sock.recv(65536):
+        raw += data
+    return raw
 
 
 @pytest.mark.parametrize(
-    "partial",
+    ("partial", "expected"),
     [
-        b"",
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
-        b"POST /predict/zero-shot?labels=a,b HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-        b"Content-Length: 1000\r\n\r\n" + b"\x89PNG" * 5,
+        (b"", [408]),  # a fresh connection that never speaks is timed out too
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", [408]),
+        (
+            b"POST /predict/zero-shot?labels=a,b HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"\x89PNG" * 5,
+            [408],
+        ),
     ],
     ids=["nothing", "partial-head", "partial-body"],
 )
 def test_a_stalled_client_is_cut_off_while_others_are_served(
-    server: ServerProcess, partial: bytes
+    server: ServerProcess, partial: bytes, expected: list[int]
 ) -> None:
-    result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(zip(("raw", "t"), stalled(server.port, partial), strict=True)))  # fmt: skip
-    thread.start()
-    time.sleep(0.3)
-    with httpx.Client(base_url=server.url, timeout=5) as client:  # meanwhile, others are answered
-        for _ in range(5):
-            t = time.monotonic()
-            assert client.get("/healthz").status_code == 200
-            assert time.monotonic() - t < READ_TIMEOUT
-    thread.join(15)
-    assert READ_TIMEOUT - 0.2 <= result["t"] < READ_TIMEOUT + 3, result
-    if partial:  # something was sent: the server says why it hangs up
-        assert statuses(result["raw"]) == [408], result["raw"][:300]
-        assert body_of(result["raw"])["error"]["code"] == "request_timeout"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        start = time.monotonic()
+        sock.sendall(partial)
+        # Meanwhile, others are answered (the stalled connection is open from here on).
+        with httpx.Client(base_url=server.url, timeout=5) as client:
+            for _ in range(5):
+                t = time.monotonic()
+                assert client.get("/healthz").status_code == 200
+                assert time.monotonic() - t < READ_TIMEOUT
+        raw = read_until_closed(sock)  # closed by the server, or socket.timeout fails the test
+        elapsed = time.monotonic() - start
+    assert READ_TIMEOUT - 0.2 <= elapsed < READ_TIMEOUT + 3, elapsed
+    assert statuses(raw) == expected, raw[:300]
+    # The server says why it hangs up, in the JSON error shape.
+    assert body_of(raw)["error"]["code"] == "request_timeout"
+    assert b"connection: close" in raw.lower()
     assert server.alive()
 
 
@@ -100,14 +112,20 @@ def test_a_client_sending_slowly_but_steadily_is_not_cut_off(server: ServerProce
     assert statuses(raw) == [200], raw[:300]
 
 
-@pytest.mark.parametrize("size", [70_000, 130_000])
-def test_a_head_over_the_limit_is_refused(server: ServerProcess, size: int) -> None:
-    """A head over 64 KiB gets 431 JSON when it arrives whole, 400 when h11 sees it incomplete."""
+@pytest.mark.parametrize(
+    ("size", "status", "code"),
+    [(70_000, 431, "headers_too_large"), (130_000, 400, "malformed_http")],
+)
+def test_a_head_over_the_limit_is_refused(
+    server: ServerProcess, size: int, status: int, code: str
+) -> None:
+    """A head over 64 KiB that arrives whole gets 431 JSON from deltaclip's limit; one so large
+    that h11 gives up on it while it is still incomplete gets h11's 400, also JSON."""
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
     raw = raw_exchange(server.port, head, wait=5)
-    assert statuses(raw) and statuses(raw)[0] in (400, 431), raw[:300]
-    code = body_of(raw)["error"]["code"]
-    assert code in ("headers_too_large", "malformed_http"), raw[:300]
+    assert statuses(raw) == [status], raw[:300]
+    assert body_of(raw)["error"]["code"] == code, raw[:300]
+    assert b"connection: close" in raw.lower()
     # Just under the limit is fine.
     ok = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n"
     assert statuses(raw_exchange(server.port, ok, wait=5, first_response=True)) == [200]
@@ -148,6 +166,19 @@ def test_the_connection_survives_an_error_answer(server: ServerProcess) -> None:
         for path, status in (("/adapters/nope", 404), ("/healthz", 200), ("/predict", 405)):
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert statuses(read_response(sock)) == [status], path
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(server: ServerProcess) -> None:
+    """After an answer the connection stays open for the next request, and an idle one is closed
+    (silently: nothing was asked) after KEEP_ALIVE_S, not kept for ever."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=KEEP_ALIVE + 5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(read_response(sock)) == [200]
+        idle = time.monotonic()
+        rest = read_until_closed(sock)  # socket.timeout (a failure) if it is never closed
+        waited = time.monotonic() - idle
+    assert rest == b""
+    assert KEEP_ALIVE - 0.2 <= waited < KEEP_ALIVE + 3, waited
 
 
 def read_response(sock: socket.socket) -> bytes:

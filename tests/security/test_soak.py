@@ -147,7 +147,7 @@ def test_soak_10k_mixed_requests_with_concurrent_registrations(tmp_path: Path, t
         elapsed = asyncio.run(main())
         time.sleep(0.5)
         rss_end = server.rss_kib()
-        base = httpx.get(f"{server.url}/base").json()
+        base = httpx.post(f"{server.url}/admin/base/check", headers=ADMIN).json()
         assert server.alive()
     finally:
         server.stop()

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import ServiceDep
+from ..deps import AdminDep, ServiceDep
 
 router = APIRouter(tags=["health"])
 
@@ -21,12 +21,16 @@ def healthz(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: 200 once the base model is loaded")
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once the base model is loaded, 503 while the model worker restarts",
+)
 def readyz(service: ServiceDep) -> JSONResponse:
     if not service.ready:
-        reason = service.load_error or "loading the base model"
         return JSONResponse(
-            {"status": "not ready", "reason": reason}, status_code=503, headers={"Retry-After": "5"}
+            {"status": "not ready", "reason": service.not_ready_reason},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
     return JSONResponse({"status": "ready", "fingerprint": service.loaded_fingerprint})
 
@@ -37,7 +41,18 @@ def metrics(service: ServiceDep) -> Response:
 
 
 @router.get(
-    "/base", summary="The base model, and its fingerprint as loaded and as the weights are now"
+    "/base",
+    summary="The base model, and the last check of its live weights (cached, with its age)",
 )
-async def base(service: ServiceDep) -> dict[str, Any]:
-    return asdict(await service.base_status())
+def base(service: ServiceDep) -> dict[str, Any]:
+    return asdict(service.base_status())
+
+
+@router.post(
+    "/admin/base/check",
+    summary="Check the live weights now (between batches) and answer the new proof",
+    dependencies=[AdminDep],
+    tags=["admin"],
+)
+async def check_base(service: ServiceDep) -> dict[str, Any]:
+    return asdict(await service.check_base())

@@ -9,7 +9,7 @@ import torch
 from fastapi import APIRouter, Query, Request
 
 from ...errors import InvalidLabels
-from ...service import ReadImages
+from ...service import Gone, ReadImages
 from ..deps import NAME_PATTERN, ServiceDep
 from ..uploads import read_files, upload_openapi
 
@@ -26,6 +26,17 @@ def _image_reader(request: Request, max_images: int) -> ReadImages:
         return files
 
     return read
+
+
+def _disconnect_watcher(request: Request) -> Gone:
+    """Returns when the client hangs up. Called only after the body was read, so the only
+    message left to receive is the disconnect; the service stops watching once it answers."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return gone
 
 
 def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[list[dict[str, Any]]]:
@@ -50,7 +61,7 @@ async def predict(
 ) -> dict[str, Any]:
     """Answers with the adapter that was used (task, version, digest) and, per image, the top-k labels."""
     read = _image_reader(request, service.settings.max_images)
-    result = await service.classify(task, version, alias, read)
+    result = await service.classify(task, version, alias, read, _disconnect_watcher(request))
     record = result.record
     return {
         "task": record.task,
@@ -85,7 +96,8 @@ async def zero_shot(
         raise InvalidLabels("labels must be 2 or more distinct, printable, comma-separated names")
     if len(names) > 1000:
         raise InvalidLabels("at most 1000 labels")
-    probs = await service.zero_shot(names, _image_reader(request, service.settings.max_images))
+    read = _image_reader(request, service.settings.max_images)
+    probs = await service.zero_shot(names, read, _disconnect_watcher(request))
     s = service.settings
     return {
         "base": {
