@@ -205,6 +205,31 @@ def test_a_full_queue_refuses_before_any_lookup_load_or_decode(server_settings, 
         assert runtime.batcher.depth == 0
 
 
+def test_a_cancelled_request_drops_its_job_and_frees_its_place(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(server_settings)
+    with TestClient(app) as c:
+        wait_ready(c)
+        register(c, tiny, "t", 1)
+        runtime, service = app.state.runtime, app.state.service
+        started, release, ran = hold_worker(runtime)
+
+        async def read() -> list[bytes]:
+            return [PNG]
+
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/predict?task=t", **IMG)
+            assert started.wait(30)
+            # A second prediction on the app's own event loop, cancelled while its job waits.
+            second = c.portal.start_task_soon(service.classify, "t", None, None, read)
+            eventually(lambda: runtime.batcher.depth == 1, "the second job to be queued")
+            second.cancel()
+            eventually(lambda: runtime.batcher.depth == 0, "the cancelled request's place")
+            release.set()
+            assert first.result(30).status_code == 200
+        assert c.post("/predict?task=t", **IMG).status_code == 200
+        assert ran == ["t", "t"]  # the first request and the last, never the cancelled one
+
+
 @pytest.fixture
 def served(server_settings) -> Iterator[tuple[str, Any]]:  # type: ignore[no-untyped-def]
     """A real uvicorn server in a thread; yields its URL and its runtime."""
