@@ -151,6 +151,46 @@ def test_a_delete_during_a_cold_load_is_honoured(server_settings, tiny) -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 
 
+def test_cancelling_one_request_during_a_shared_cold_load_spares_the_others(
+    server_settings, tiny
+) -> None:  # type: ignore[no-untyped-def]
+    """Both loader threads are busy, so "t"'s load waits in the pool when one of its two
+    requests is cancelled: the old cache cancelled the load for both, and for good."""
+    app = create_app(server_settings)
+    with TestClient(app) as c:
+        wait_ready(c)
+        for seed, task in enumerate(("a", "b", "t")):
+            register(c, tiny, task, seed)
+        runtime, service = app.state.runtime, app.state.service
+        gate = threading.Event()
+        loads: list[str] = []
+        load = runtime.registry.load
+
+        def slow_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+            loads.append(record.task)
+            assert gate.wait(30)
+            return load(record, base, weights)
+
+        runtime.registry.load = slow_load
+
+        async def read() -> list[bytes]:
+            return [PNG]
+
+        with ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(c.post, f"/predict?task={task}", **IMG) for task in ("a", "b")]
+            eventually(lambda: sorted(loads) == ["a", "b"], "both loader threads to be busy")
+            other = pool.submit(c.post, "/predict?task=t", **IMG)
+            cancelled = c.portal.start_task_soon(service.classify, "t", None, None, read)
+            eventually(lambda: runtime.batcher.depth == 4, "both requests for t to wait")
+            assert runtime.cache.loading() and "t" not in loads  # t's load has not started
+            cancelled.cancel()
+            eventually(lambda: runtime.batcher.depth == 3, "the cancelled request's place")
+            gate.set()
+            assert [f.result(30).status_code for f in [*busy, other]] == [200, 200, 200]
+        assert c.post("/predict?task=t", **IMG).status_code == 200  # nor poisoned
+        assert sorted(loads) == ["a", "b", "t"]  # one load each
+
+
 def test_a_pin_follows_its_alias_here_and_when_another_replica_moves_it(
     server_settings, tiny
 ) -> None:  # type: ignore[no-untyped-def]
