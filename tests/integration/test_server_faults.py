@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from adapters_store.errors import ChecksumMismatch
 from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from server.main import create_app
@@ -268,6 +269,45 @@ def test_a_cancelled_request_drops_its_job_and_frees_its_place(server_settings, 
             assert first.result(30).status_code == 200
         assert c.post("/predict?task=t", **IMG).status_code == 200
         assert ran == ["t", "t"]  # the first request and the last, never the cancelled one
+
+
+def test_a_request_failing_at_any_step_gives_its_queue_place_back(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
+    """With one place in the queue, requests failing at each step before and after admission
+    (lookup, cold load, decode, the forward) leave it free: the next request is never refused
+    as overloaded, and the count is back to zero."""
+    app = create_app(server_settings.model_copy(update={"queue_size": 1}))
+    with TestClient(app) as c:
+        wait_ready(c)
+        register(c, tiny, "t", 1)
+        register(c, tiny, "broken", 2)
+        runtime = app.state.runtime
+        load = runtime.registry.load
+
+        def failing_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+            if record.task == "broken":
+                raise ChecksumMismatch("injected: the stored bytes no longer match")
+            return load(record, base, weights)
+
+        runtime.registry.load = failing_load
+        run = runtime.engine.run
+        forwards = {"fail": 1}
+
+        def failing_run(adapter: Any, images: Any) -> Any:
+            if forwards.pop("fail", 0):
+                raise RuntimeError("injected: the forward failed")
+            return run(adapter, images)
+
+        runtime.engine.run = failing_run
+        for _ in range(2):
+            assert c.post("/predict?task=nosuchtask", **IMG).status_code == 404
+            assert c.post("/predict?task=broken", **IMG).status_code == 409
+            bad = c.post("/predict?task=t", content=b"\x89PNG\r\n\x1a\nnot really", headers={"content-type": "image/png"})  # fmt: skip
+            assert bad.status_code == 422
+        # An injected fault in the forward is the server's own: a JSON 500, nothing more.
+        broken = c.post("/predict?task=t", **IMG)
+        assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal"
+        assert runtime.batcher.depth == 0
+        assert c.post("/predict?task=t", **IMG).status_code == 200
 
 
 @pytest.fixture
