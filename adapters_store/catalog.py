@@ -177,8 +177,15 @@ class Catalog:
             session.close()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[Session]:
+    def read(self, snapshot: bool = False) -> Iterator[Session]:
+        """A read-only session. With ``snapshot``, every statement in it reads one snapshot of
+        the database: PostgreSQL's default READ COMMITTED gives each statement its own, so two
+        reads (an alias, then the version it names) could straddle another replica's move and
+        delete; REPEATABLE READ takes one for the whole transaction. SQLite's read transaction
+        is one snapshot already."""
         session = self._read()
+        if snapshot and self.read_engine.dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         try:
             yield session
         finally:

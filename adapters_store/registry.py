@@ -231,13 +231,7 @@ class Registry:
             raise InvalidRequest("give a version or an alias, not both")
         if version is not None:
             return self.get(task, version)
-        with self.catalog.read() as s:
-            # One snapshot for the alias read and the version read: under PostgreSQL's default
-            # READ COMMITTED each statement sees its own snapshot, so another replica moving the
-            # alias and deleting the old version in between would give a wrong 404. (SQLite's
-            # read transaction is already one snapshot.)
-            if s.get_bind().dialect.name == "postgresql":
-                s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        with self.catalog.read(snapshot=True) as s:  # the alias and its version read together
             if alias is not None:
                 check_name(alias, "alias")
                 target = s.execute(

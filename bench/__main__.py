@@ -30,6 +30,7 @@ QUESTIONS = {
         "bench.zeroshot",
         "the default base's WordNet text side: embedding variants, scale",
     ),
+    "base_flood": ("bench.base_flood", "prediction latency under a flood of GET /base calls"),
     "plots": ("bench.plots", "PNG plots and Markdown tables from result files"),
 }
 

@@ -1,8 +1,13 @@
 """The model host: one base model on one device, patched per adapter by the serving worker.
 
-Only the batcher's worker thread calls :meth:`Engine.run` and :meth:`Engine.restore_base`; the
-live weights are therefore mutated by exactly one thread. Preparing adapters (:meth:`prepare`)
-reads only the pristine host copy and may run on any thread.
+Only the batcher's worker thread calls :meth:`Engine.run`, :meth:`Engine.restore_base`,
+:meth:`Engine.reset` and :meth:`Engine.verify` (or, while no worker runs, the runtime restarting
+it); the live weights are therefore mutated by exactly one thread. Preparing adapters
+(:meth:`prepare`) reads only the pristine host copy and may run on any thread.
+
+Switching is exception-safe: whatever fails partway through a patch or a restore, the live
+weights end as the pristine base and :attr:`Engine.current` as None, so the record of what is
+patched and the weights never disagree.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from adapters_store.errors import ChecksumMismatch
 from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from server.main import create_app
@@ -151,6 +152,46 @@ def test_a_delete_during_a_cold_load_is_honoured(server_settings, tiny) -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 
 
+def test_cancelling_one_request_during_a_shared_cold_load_spares_the_others(
+    server_settings, tiny
+) -> None:  # type: ignore[no-untyped-def]
+    """Both loader threads are busy, so "t"'s load waits in the pool when one of its two
+    requests is cancelled: the old cache cancelled the load for both, and for good."""
+    app = create_app(server_settings)
+    with TestClient(app) as c:
+        wait_ready(c)
+        for seed, task in enumerate(("a", "b", "t")):
+            register(c, tiny, task, seed)
+        runtime, service = app.state.runtime, app.state.service
+        gate = threading.Event()
+        loads: list[str] = []
+        load = runtime.registry.load
+
+        def slow_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+            loads.append(record.task)
+            assert gate.wait(30)
+            return load(record, base, weights)
+
+        runtime.registry.load = slow_load
+
+        async def read() -> list[bytes]:
+            return [PNG]
+
+        with ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(c.post, f"/predict?task={task}", **IMG) for task in ("a", "b")]
+            eventually(lambda: sorted(loads) == ["a", "b"], "both loader threads to be busy")
+            other = pool.submit(c.post, "/predict?task=t", **IMG)
+            cancelled = c.portal.start_task_soon(service.classify, "t", None, None, read)
+            eventually(lambda: runtime.batcher.depth == 4, "both requests for t to wait")
+            assert runtime.cache.loading() and "t" not in loads  # t's load has not started
+            cancelled.cancel()
+            eventually(lambda: runtime.batcher.depth == 3, "the cancelled request's place")
+            gate.set()
+            assert [f.result(30).status_code for f in [*busy, other]] == [200, 200, 200]
+        assert c.post("/predict?task=t", **IMG).status_code == 200  # nor poisoned
+        assert sorted(loads) == ["a", "b", "t"]  # one load each
+
+
 def test_a_pin_follows_its_alias_here_and_when_another_replica_moves_it(
     server_settings, tiny
 ) -> None:  # type: ignore[no-untyped-def]
@@ -203,6 +244,70 @@ def test_a_full_queue_refuses_before_any_lookup_load_or_decode(server_settings, 
             release.set()
             assert first.result(30).status_code == 200 and second.result(30).status_code == 200
         assert runtime.batcher.depth == 0
+
+
+def test_a_cancelled_request_drops_its_job_and_frees_its_place(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(server_settings)
+    with TestClient(app) as c:
+        wait_ready(c)
+        register(c, tiny, "t", 1)
+        runtime, service = app.state.runtime, app.state.service
+        started, release, ran = hold_worker(runtime)
+
+        async def read() -> list[bytes]:
+            return [PNG]
+
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/predict?task=t", **IMG)
+            assert started.wait(30)
+            # A second prediction on the app's own event loop, cancelled while its job waits.
+            second = c.portal.start_task_soon(service.classify, "t", None, None, read)
+            eventually(lambda: runtime.batcher.depth == 1, "the second job to be queued")
+            second.cancel()
+            eventually(lambda: runtime.batcher.depth == 0, "the cancelled request's place")
+            release.set()
+            assert first.result(30).status_code == 200
+        assert c.post("/predict?task=t", **IMG).status_code == 200
+        assert ran == ["t", "t"]  # the first request and the last, never the cancelled one
+
+
+def test_a_request_failing_at_any_step_gives_its_queue_place_back(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
+    """With one place in the queue, requests failing at each step before and after admission
+    (lookup, cold load, decode, the forward) leave it free: the next request is never refused
+    as overloaded, and the count is back to zero."""
+    app = create_app(server_settings.model_copy(update={"queue_size": 1}))
+    with TestClient(app) as c:
+        wait_ready(c)
+        register(c, tiny, "t", 1)
+        register(c, tiny, "broken", 2)
+        runtime = app.state.runtime
+        load = runtime.registry.load
+
+        def failing_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+            if record.task == "broken":
+                raise ChecksumMismatch("injected: the stored bytes no longer match")
+            return load(record, base, weights)
+
+        runtime.registry.load = failing_load
+        run = runtime.engine.run
+        forwards = {"fail": 1}
+
+        def failing_run(adapter: Any, images: Any) -> Any:
+            if forwards.pop("fail", 0):
+                raise RuntimeError("injected: the forward failed")
+            return run(adapter, images)
+
+        runtime.engine.run = failing_run
+        for _ in range(2):
+            assert c.post("/predict?task=nosuchtask", **IMG).status_code == 404
+            assert c.post("/predict?task=broken", **IMG).status_code == 409
+            bad = c.post("/predict?task=t", content=b"\x89PNG\r\n\x1a\nnot really", headers={"content-type": "image/png"})  # fmt: skip
+            assert bad.status_code == 422
+        # An injected fault in the forward is the server's own: a JSON 500, nothing more.
+        broken = c.post("/predict?task=t", **IMG)
+        assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal"
+        assert runtime.batcher.depth == 0
+        assert c.post("/predict?task=t", **IMG).status_code == 200
 
 
 @pytest.fixture

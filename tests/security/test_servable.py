@@ -131,6 +131,7 @@ def test_unservable_adapters_are_refused_at_upload(
     r = api.post("/admin/adapters", files={"file": ("a.safetensors", trained)}, headers=ADMIN)
     assert r.status_code == 201, r.text
     answer = api.post("/predict?task=shapes", files=IMAGES).json()
+    assert len(answer["predictions"]) == len(IMAGES) and all(answer["predictions"])
     assert all(0 <= p["score"] <= 1 for row in answer["predictions"] for p in row)
 
 
@@ -177,8 +178,10 @@ def test_a_legal_large_residual_is_served_with_sane_answers(
     assert r.status_code == 201, r.text
     r = api.post("/predict?task=shapes&top_k=4", files=IMAGES)
     assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == len(IMAGES)
     for row in r.json()["predictions"]:
         scores = [p["score"] for p in row]
+        assert len(scores) == 4
         assert all(s is not None and 0 <= s <= 1 for s in scores)
         assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
 

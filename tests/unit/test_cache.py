@@ -146,6 +146,7 @@ def test_a_failed_load_reaches_every_waiter_and_the_next_request_retries() -> No
 
     async def main() -> list[Any]:
         waiters = [asyncio.ensure_future(cache.get(Record("t", "d1"))) for _ in range(3)]
+        await until(loader.started)  # all three are waiting on the one load
         loader.gate.set()
         return await asyncio.gather(*waiters, return_exceptions=True)
 

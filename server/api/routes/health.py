@@ -44,7 +44,8 @@ def metrics(service: ServiceDep) -> Response:
     "/base",
     summary="The base model, and the last check of its live weights (cached, with its age)",
 )
-def base(service: ServiceDep) -> dict[str, Any]:
+async def base(service: ServiceDep) -> dict[str, Any]:
+    # async: it only reads memory, so it runs on the event loop (no thread-pool hop per call).
     return asdict(service.base_status())
 
 
