@@ -20,6 +20,7 @@ from adapters_store.head import TaskHead, head_from_state
 from adapters_store.zeroshot import class_embeddings
 
 from .images import EvalTransforms, Transform
+from .metrics import Metrics
 from .patcher import FlatPatcher, PreparedResidual
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,8 +44,16 @@ class PreparedAdapter:
 
 
 class Engine:
-    def __init__(self, net: nn.Module, signature: BaseSignature, device: str, dtype: str) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        signature: BaseSignature,
+        device: str,
+        dtype: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.signature = signature
+        self.metrics = metrics
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.net = net.eval().to(self.device)
@@ -81,6 +90,8 @@ class Engine:
         if target is not None:
             self.patcher.patch(target.residual)
             self.swaps += 1
+            if self.metrics is not None:
+                self.metrics.swaps.inc()
         self.current = target
 
     @torch.inference_mode()

@@ -15,6 +15,7 @@ from .api.routes import adapters, admin, catalog, health, predict
 from .config import ServerSettings
 from .hygiene import HeadAsGetMiddleware, HeadLimitMiddleware, UnexpectedErrorMiddleware
 from .limits import BodyLimitMiddleware, ReplicaHeaderMiddleware
+from .metrics import Metrics, ResponseMetricsMiddleware
 from .runtime import Runtime
 from .service import Service
 
@@ -25,10 +26,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The app: routes, one error table (:mod:`server.errors`), body limits per path, and a
     lifespan that owns the :class:`Runtime` its :class:`Service` works on."""
     settings = settings or ServerSettings()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings)
+        runtime = Runtime(settings, metrics)
         app.state.runtime = runtime
         app.state.service = Service(runtime)
         loading = asyncio.create_task(runtime.load())
@@ -57,10 +59,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         )
 
     # Innermost first: an unexpected error is rendered below the body limit and the replica
-    # header; HEAD and the head limit are decided before anything else runs.
+    # header; HEAD and the head limit are decided before anything else runs; every answer,
+    # theirs included, is counted.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(ReplicaHeaderMiddleware, name=settings.replica_name)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(HeadLimitMiddleware, limit=settings.max_head_bytes)
+    app.add_middleware(ResponseMetricsMiddleware, metrics=metrics)
     return app
