@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from . import errors
 from .api.routes import adapters, admin, catalog, health, predict
@@ -42,7 +43,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 await loading
             runtime.close()
 
-    app = FastAPI(
+    # /docs and /redoc with their scripts and styles served from the package (fastapi-offline),
+    # not from a CDN: the page works on a machine without internet access.
+    app = FastAPIOffline(
         title="deltaclip",
         version="1",
         summary="Many domain-adapted CLIP image towers served from one base model.",
