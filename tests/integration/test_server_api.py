@@ -372,3 +372,30 @@ def test_a_request_has_a_pixel_budget(server_settings, tiny, admin) -> None:  # 
         assert (
             r.status_code == 413 and "together exceed 3,000 pixels" in r.json()["error"]["message"]
         )
+
+
+def test_more_files_than_max_images_is_413_too_many_images(server_settings, admin, tiny) -> None:  # type: ignore[no-untyped-def]
+    settings = server_settings.model_copy(update={"max_images": 3})
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        register(c, admin, encode_adapter(random_adapter(*tiny, "t")))
+        files = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(20)]
+        r = c.post("/predict?task=t", files=files[:3])
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3, r.text
+        for n in (4, 20):
+            r = c.post("/predict?task=t", files=files[:n])
+            assert r.status_code == 413, (n, r.text)
+            assert r.json()["error"] == {
+                "code": "too_many_images",
+                "message": "at most 3 images per request",
+            }
+        r = c.post("/predict/zero-shot?labels=cat,dog", files=files[:4])
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "too_many_images")
+        adapter = ("a.safetensors", encode_adapter(random_adapter(*tiny, "u")))
+        r = c.post("/admin/adapters", files=[("file", adapter)] * 2, headers=admin)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), r.text
+        assert "exactly one adapter file" in r.json()["error"]["message"]
+        fields = [("note", (None, "x")) for _ in range(40)]
+        r = c.post("/predict?task=t", files=[files[0], *fields])
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), r.text
+        assert "Too many fields" in r.json()["error"]["message"]

@@ -24,6 +24,10 @@ _UPLOAD = upload_openapi(
 )
 
 
+def _one_file_only(_: int) -> InvalidRequest:
+    return InvalidRequest("send exactly one adapter file in field 'file'")
+
+
 class AliasBody(BaseModel):
     version: int = Field(ge=1, le=2**31 - 1)
 
@@ -35,9 +39,9 @@ async def upload(request: Request, service: ServiceDep) -> JSONResponse:
     """201 with task, version and digest; 200 when the same bytes were already registered."""
 
     async def read() -> tuple[bytes, str | None]:
-        files, fields = await read_files(request, "file", max_files=1)
+        files, fields = await read_files(request, "file", max_files=1, too_many=_one_file_only)
         if len(files) != 1:
-            raise InvalidRequest("send exactly one adapter file in field 'file'")
+            raise _one_file_only(1)
         return files[0], fields.get("alias") or request.query_params.get("alias")
 
     result = await service.register(read)
