@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -108,6 +109,15 @@ def test_invalid_files_leave_nothing_behind(registry: Registry, tiny) -> None:  
     other = tiny[1].__class__(**{**tiny[1].__dict__, "fingerprint": "0" * 64})
     with pytest.raises(IncompatibleBase):
         registry.register(_file(tiny, "t"), other)
+    adapter = random_adapter(*tiny, "t")
+    misnamed = dataclasses.replace(
+        adapter, meta=dataclasses.replace(adapter.meta, base_model="no-such-model")
+    )
+    with pytest.raises(
+        InvalidAdapter
+    ) as refused:  # the right fingerprint under another base's name
+        registry.register(encode_adapter(misnamed), tiny[1])
+    assert refused.value.rule == "base-names"
     assert registry.list().total == 0
     assert list(registry.blobs.digests()) == []
 

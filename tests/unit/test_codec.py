@@ -579,6 +579,10 @@ CASES: list[Case] = [
          lambda c: _check(c, _unknown_parameter(c))),
     Case("fingerprint", "other-base", "fingerprint",
          lambda c: _check(c, _meta(c, base_fingerprint="0" * 64))),
+    Case("base-names", "other-model-name", "'no-such-model'",
+         lambda c: _check(c, _meta(c, base_model="no-such-model"))),
+    Case("base-names", "other-pretrained-name", "this base's, deltaclip-tiny/random",
+         lambda c: _check(c, _meta(c, base_pretrained="openai"))),
 ]  # fmt: skip
 
 
