@@ -16,6 +16,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY alembic ./alembic
 COPY adapters_store ./adapters_store
+COPY deltaclip_api ./deltaclip_api
 COPY deltaclip_client ./deltaclip_client
 COPY trainer ./trainer
 COPY deltaclip_demo ./deltaclip_demo

@@ -26,7 +26,14 @@ from adapters_store.catalog import head_revision
 from tests.conftest import checkout_files
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE_PACKAGES = ("adapters_store", "deltaclip_client", "deltaclip_demo", "server", "trainer")
+SOURCE_PACKAGES = (
+    "adapters_store",
+    "deltaclip_api",
+    "deltaclip_client",
+    "deltaclip_demo",
+    "server",
+    "trainer",
+)
 
 
 def build_wheel(dest: Path, files: dict[str, str] | None = None) -> Path:

@@ -5,15 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
 from ...catalog_page import render
+from ...errors import documented
 from ..deps import NAME_PATTERN, ServiceDep
 
 router = APIRouter(tags=["catalog"])
 
 
-@router.get("/catalog", response_class=HTMLResponse, summary="The catalog as a page for people")
+@router.get(
+    "/catalog",
+    response_class=HTMLResponse,
+    summary="The catalog as a page for people",
+    responses=documented(RequestValidationError),
+)
 async def catalog_page(
     service: ServiceDep,
     task: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,

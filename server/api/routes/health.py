@@ -3,41 +3,70 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from deltaclip_api import BaseStatus, Health, Readiness
+
+from ...errors import NotReady, documented
 from ..deps import ServiceDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process runs and its base has not failed to load")
-def healthz(service: ServiceDep) -> JSONResponse:
+@router.get(
+    "/healthz",
+    summary="Liveness: the process runs and its base has not failed to load",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={
+        **documented(),
+        503: {"model": Health, "description": "The base model failed to load."},
+    },
+)
+def healthz(service: ServiceDep) -> Health | JSONResponse:
     if service.load_error:
-        return JSONResponse({"status": "failed", "error": service.load_error}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        body = Health(status="failed", error=service.load_error)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
+    return Health(status="ok")
 
 
-@router.get("/readyz", summary="Readiness: 200 once the base model is loaded")
-def readyz(service: ServiceDep) -> JSONResponse:
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once the base model is loaded",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    responses={
+        **documented(),
+        503: {"model": Readiness, "description": "Still loading, or the load failed."},
+    },
+)
+def readyz(service: ServiceDep) -> Readiness | JSONResponse:
     if not service.ready:
-        reason = service.load_error or "loading the base model"
+        body = Readiness(status="not ready", reason=service.load_error or "loading the base model")
         return JSONResponse(
-            {"status": "not ready", "reason": reason}, status_code=503, headers={"Retry-After": "5"}
+            body.model_dump(exclude_none=True), status_code=503, headers={"Retry-After": "5"}
         )
-    return JSONResponse({"status": "ready", "fingerprint": service.loaded_fingerprint})
+    return Readiness(status="ready", fingerprint=service.loaded_fingerprint)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **documented()},
+)
 def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(
-    "/base", summary="The base model, and its fingerprint as loaded and as the weights are now"
+    "/base",
+    summary="The base model, and its fingerprint as loaded and as the weights are now",
+    response_model=BaseStatus,
+    responses=documented(NotReady),
 )
-async def base(service: ServiceDep) -> dict[str, Any]:
-    return asdict(await service.base_status())
+async def base(service: ServiceDep) -> BaseStatus:
+    return BaseStatus(**asdict(await service.base_status()))
