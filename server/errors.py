@@ -235,8 +235,18 @@ ANY_ROUTE: tuple[type[BaseException], ...] = (HeadersTooLarge, PayloadTooLarge, 
 INTERNAL = ("internal", "a bug: the server logged it with its traceback")
 
 
-def _first_line(kind: type[BaseException]) -> str:
-    return (kind.__doc__ or kind.__name__).strip().splitlines()[0].rstrip(".")
+# What the framework's and the system's exceptions mean here (their docstrings say nothing).
+_MEANING: dict[type[BaseException], str] = {
+    RequestValidationError: "a parameter fails its declared rule (type, range, pattern)",
+    ClientDisconnect: "the client hung up before sending its whole body",
+    OSError: "the blob store is out of space; nothing was registered",
+    OperationalError: "the catalog database is out of space; nothing was registered",
+}
+
+
+def _meaning(kind: type[BaseException]) -> str:
+    doc = _MEANING.get(kind) or kind.__doc__ or kind.__name__
+    return doc.strip().splitlines()[0].rstrip(".")
 
 
 def documented(*kinds: type[BaseException]) -> dict[int | str, dict[str, Any]]:
@@ -253,7 +263,8 @@ def documented(*kinds: type[BaseException]) -> dict[int | str, dict[str, Any]]:
         if rule is None or rule.status is None:
             raise LookupError(f"no rule of RULES gives {kind.__name__} a status")
         code = rule.code if rule.code is not None else str(getattr(kind, "code", "error"))
-        codes.setdefault(rule.status, {})[code] = _first_line(kind)
+        found = codes.setdefault(rule.status, {})
+        found[code] = f"{found[code]}, or {_meaning(kind)}" if code in found else _meaning(kind)
     codes[500] = dict([INTERNAL])
     return {
         status: {

@@ -50,6 +50,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         version="1",
         summary="Many domain-adapted CLIP image towers served from one base model.",
         lifespan=lifespan,
+        # operationId = the route function's name (predict, upload, ...): what a client
+        # generated from /openapi.json calls its functions.
+        generate_unique_id_function=lambda route: route.name,
     )
     errors.install(app)
 

@@ -86,5 +86,7 @@ def upload_openapi(properties: dict[str, Any], *, raw_images: bool = False) -> d
         }
     }
     if raw_images:
-        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+        # One raw image: declared as application/octet-stream (which clients and generators
+        # know); the route also takes image/* and a sniffed image under any type (docs/API.md).
+        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
     return {"requestBody": {"required": True, "content": content}}

@@ -82,7 +82,7 @@ async def get_version(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> d
     summary="Download the adapter file (checksum-verified)",
     response_class=Response,
     responses={
-        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        200: {"content": {"application/octet-stream": {}}},  # bytes: no schema (OpenAPI 3.1)
         **documented(RequestValidationError, AdapterNotFound, store.ChecksumMismatch),
     },
 )  # fmt: skip
