@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from adapters_store.adapter import RESIDUAL_DTYPES, Adapter, build_adapter, merge_state
+from adapters_store.adapter import (
+    RESIDUAL_DTYPES,
+    Adapter,
+    AdapterInfo,
+    build_adapter,
+    merge_state,
+)
 from adapters_store.bases import BaseSignature
 from adapters_store.config import StoreSettings
 from adapters_store.errors import InvalidAdapter
@@ -27,16 +32,19 @@ from .errors import ExactnessError, TrainError
 def verified_adapter(
     base_state: Mapping[str, torch.Tensor],
     task_state: Mapping[str, torch.Tensor],
+    info: AdapterInfo,
     *,
-    signature: BaseSignature,
+    head_state: Mapping[str, torch.Tensor],
+    class_embeddings: torch.Tensor | None = None,
     residual_dtype: str = "float32",
-    **meta: Any,
+    block_size: int = 1,
 ) -> Adapter:
     """Build the adapter of ``task_state`` over ``base_state`` and check that it merges back exactly.
 
     Args:
         base_state, task_state: the tower's ``W0`` and ``W`` on CPU, keyed like the base.
-        meta: ``build_adapter``'s keyword arguments (task, class names, head state, ...).
+        info: the adapter's metadata (task, base, class names, domains, config, metrics).
+        head_state, class_embeddings: the task head and the teacher's class vectors.
 
     Raises:
         ExactnessError: ``merge_state(W0, adapter)`` differs from ``W`` somewhere (a tower that
@@ -45,12 +53,12 @@ def verified_adapter(
     adapter = build_adapter(
         base_state,
         task_state,
+        info,
+        head_state=head_state,
+        class_embeddings=class_embeddings,
         eligible=base_state,
-        base_model=signature.model,
-        base_pretrained=signature.pretrained,
-        base_fingerprint=signature.fingerprint,
         residual_dtype=RESIDUAL_DTYPES[residual_dtype],
-        **meta,
+        block_size=block_size,
     )
     merged = merge_state(base_state, adapter)
     wrong = {

@@ -13,7 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from adapters_store.adapter import Adapter, utc_now_iso
+from adapters_store.adapter import Adapter, AdapterInfo, utc_now_iso
 from adapters_store.format.codec import write_adapter
 from adapters_store.registry import Registration
 
@@ -75,22 +75,28 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         "device": plan.device.type,
         "software": {p: version(p) for p in RECORDED_PACKAGES},
     }
-    adapter = verified_adapter(
-        session.base_state(),
-        session.tower_state(),
-        signature=run.signature,
-        residual_dtype=cfg.residual_dtype,
-        block_size=cfg.block_size,
+    sig = run.signature
+    info = AdapterInfo(
         task=cfg.task,
+        base_model=sig.model,
+        base_pretrained=sig.pretrained,
+        base_fingerprint=sig.fingerprint,
         class_names=plan.class_names,
-        head_state=session.head_state(),
-        class_embeddings=run.class_embeddings.cpu(),
         source_domain=cfg.source_domain,
         target_domain=cfg.target_domain,
         method=cfg.method_name,
         train_config=train_config,
         metrics=metrics,
         created_at=plan.options.created_at or utc_now_iso(),
+    )
+    adapter = verified_adapter(
+        session.base_state(),
+        session.tower_state(),
+        info,
+        head_state=session.head_state(),
+        class_embeddings=run.class_embeddings.cpu(),
+        residual_dtype=cfg.residual_dtype,
+        block_size=cfg.block_size,
     )
     return adapter, metrics
 

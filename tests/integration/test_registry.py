@@ -180,16 +180,24 @@ def test_dangling_row_is_reported(registry: Registry, tiny) -> None:  # type: ig
 
 
 def test_merged_state_reproduces_the_task_model(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    from adapters_store.adapter import build_adapter
+    from adapters_store.adapter import AdapterInfo, build_adapter
     from adapters_store.head import TaskHead
     from adapters_store.synthetic import random_task_state
 
     net, sig = tiny
     base, task_state = random_task_state(net, 0.01, seed=5)
     adapter = build_adapter(
-        base, task_state, task="exact", base_model=sig.model, base_pretrained=sig.pretrained,
-        base_fingerprint=sig.fingerprint, class_names=["a", "b"], head_state=TaskHead(sig.embed_dim, 2).state_dict(),
-    )  # fmt: skip
+        base,
+        task_state,
+        AdapterInfo(
+            task="exact",
+            base_model=sig.model,
+            base_pretrained=sig.pretrained,
+            base_fingerprint=sig.fingerprint,
+            class_names=["a", "b"],
+        ),
+        head_state=TaskHead(sig.embed_dim, 2).state_dict(),
+    )
     rec = registry.register(encode_adapter(adapter), sig).record
     merged = registry.merged_state(rec, net, sig)
     for key, value in task_state.items():
