@@ -48,18 +48,17 @@ def _settings(args: argparse.Namespace) -> Any:
     return StoreSettings(**overrides)
 
 
-def _registry(args: argparse.Namespace) -> Any:
+def _registry(args: argparse.Namespace, settings: Any = None) -> Any:
     from .registry import Registry
 
-    return Registry.from_settings(_settings(args))
+    return Registry.from_settings(settings or _settings(args))
 
 
-def _base(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .bases import build_base, signature_of
+def _base(args: argparse.Namespace, settings: Any = None) -> tuple[Any, Any]:
+    from .serving_base import ServingBase  # built once: the network and its ServingBase
 
-    s = _settings(args)
-    net = build_base(s.base_model, s.base_pretrained)
-    return net, signature_of(net, s.base_model, s.base_pretrained)
+    s = settings or _settings(args)
+    return ServingBase.build(s.base_model, s.base_pretrained)
 
 
 # ---------------------------------------------------------------------------------------- db
@@ -94,7 +93,8 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 def cmd_base_info(args: argparse.Namespace) -> int:
     from .bases import tower_parameters
 
-    net, sig = _base(args)
+    net, base = _base(args)
+    sig = base.signature
     total = sum(p.numel() for p in net.parameters())
     tower = sum(p.numel() for p in tower_parameters(net).values())
     _print_json({
@@ -178,9 +178,10 @@ def cmd_adapters_register(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
-    reg = _registry(args)
-    net, sig = _base(args)  # the weights: base + residual must merge to finite weights
-    result = reg.register(path.read_bytes(), sig, alias=args.alias, weights=net.state_dict())
+    settings = _settings(args)
+    reg = _registry(args, settings)
+    _, base = _base(args, settings)  # the weights too: base + residual must merge finite
+    result = reg.register(path.read_bytes(), base, alias=args.alias)
     rec = result.record
     what = "registered" if result.created else "already registered"
     if args.json:

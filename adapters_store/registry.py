@@ -1,8 +1,8 @@
 """The registry: catalog rows joined with content-addressed blobs.
 
-Registration runs validate → blob → row, in that order, so a failure or crash at any step leaves
+Registration runs validate → blob → rows, in that order, so a failure or crash at any step leaves
 no catalog row pointing at a missing blob (at worst an unreferenced blob, which :meth:`gc`
-removes). Deletion is *hard*: the row and its aliases go at once, the version number is never
+removes); the rows (base, version, alias) are one transaction. Deletion is *hard*: the row and its aliases go at once, the version number is never
 handed out again, and the blob stays until :meth:`gc` finds it unreferenced and older than a
 grace period (so a concurrent re-registration of the same bytes can never lose its blob).
 """
@@ -10,7 +10,6 @@ grace period (so a concurrent re-registration of the same bytes can never lose i
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from . import maintenance
 from .adapter import Adapter, merge_state
+from .admission import admit
 from .bases import BaseSignature
 from .blobs import BlobStore, check_digest, sha256_hex
 from .catalog import Catalog
@@ -29,44 +29,30 @@ from .errors import (
     AdapterNotFound,
     AlreadyExists,
     IncompatibleBase,
-    InvalidAdapter,
     InvalidRequest,
 )
 from .format.codec import DEFAULT_LIMITS, Limits, check_against_base, decode_adapter
-from .format.schema import META_FIELDS, AdapterMeta, Kind, catalog_values, head_meta
-from .format.servable import BaseWeights, check_servable
+from .format.schema import META_FIELDS, catalog_values, head_meta
+from .format.servable import check_servable
 from .models import AdapterRow, AliasRow, BaseModelRow, TaskRow
 from .names import check_name
 from .records import AdapterRecord, FsckReport, Page, Registration, iso_utc
+from .serving_base import ServingBase
 
 DEFAULT_ALIAS = "production"
-
-
-def _check_catalog_text(meta: AdapterMeta) -> None:
-    """Refuse free text the catalog cannot keep faithfully.
-
-    The file format allows any text; the catalog refuses what it cannot store on every backend
-    (PostgreSQL rejects NUL in text and over-long VARCHARs) or show safely (control characters
-    in pages and logs). The length limit is the column's (models.py).
-    """
-    for f in META_FIELDS:
-        if f.column is None or f.kind not in (Kind.TEXT, Kind.UTC_TIME):
-            continue
-        longest = getattr(AdapterRow.__table__.c[f.column].type, "length", None)
-        value: str = getattr(meta, f.name)
-        if longest is None:
-            continue
-        if len(value) > longest or any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in value):
-            shown = repr(value) if len(value) <= 80 else repr(value[:80]) + "…"
-            raise InvalidAdapter(
-                "metadata",
-                f"{f.name} {shown} must be at most {longest} characters, none of them control characters",
-            )
 
 
 def _detached(value: Any) -> Any:
     """A copy of a JSON column's list or dict, so records share nothing with the session."""
     return type(value)(value) if isinstance(value, list | dict) else value
+
+
+def _point_alias(session: Session, task: str, alias: str, version: int) -> None:
+    row = session.get(AliasRow, (task, alias))
+    if row is None:
+        session.add(AliasRow(task=task, alias=alias, version=version))
+    else:
+        row.version = version
 
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
@@ -104,10 +90,10 @@ class Registry:
 
     # ------------------------------------------------------------------------------ registration
 
-    def register(self, data: bytes, base: BaseSignature, alias: str | None = None, *,
-                 weights: BaseWeights | Mapping[str, torch.Tensor] | None = None) -> Registration:  # fmt: skip
-        """Validate ``data`` against ``base``, store it, catalogue it; idempotent for equal bytes.
-        ``weights`` (the base's; the server and the CLI pass them) adds ``merged-finite``.
+    def register(self, data: bytes, base: ServingBase, alias: str | None = None) -> Registration:
+        """Validate ``data`` against ``base`` (every rule, ``merged-finite`` included), store it
+        and catalogue it; idempotent for equal bytes. The base row, the version and the alias
+        are written in one transaction: a failure leaves none of them.
 
         Raises:
             InvalidAdapter: the file breaks a format rule (``rule`` says which).
@@ -118,31 +104,25 @@ class Registry:
         digest = sha256_hex(data)
         existing = self.find_by_digest(digest)
         if existing is None:
-            adapter = decode_adapter(data, self.limits)
-            check_against_base(adapter, base, self.limits)
-            check_servable(adapter, base, weights)
-            _check_catalog_text(adapter.meta)
+            adapter = admit(data, base, self.limits)
             self.blobs.put(data, digest)
             try:
-                record = self._insert(adapter, digest, len(data), base)
+                record = self._insert(adapter, digest, len(data), base.signature, alias)
             except AlreadyExists:
                 # The same bytes were registered concurrently; that registration won.
                 existing = self.find_by_digest(digest)
                 if existing is None:
                     raise
-        if existing is not None:
-            self.blobs.put(data, digest)  # re-create a blob lost to an interrupted gc or disk loss
-            if alias is not None:
-                self.set_alias(existing.task, alias, existing.version)
-                existing = self.get(existing.task, existing.version)
-            return Registration(existing, created=False)
+            else:
+                return Registration(record, created=True)
+        self.blobs.put(data, digest)  # re-create a blob lost to an interrupted gc or disk loss
         if alias is not None:
-            self.set_alias(record.task, alias, record.version)
-            record = self.get(record.task, record.version)
-        return Registration(record, created=True)
+            self.set_alias(existing.task, alias, existing.version)
+            existing = self.get(existing.task, existing.version)
+        return Registration(existing, created=False)
 
     def _insert(
-        self, adapter: Adapter, digest: str, size: int, base: BaseSignature
+        self, adapter: Adapter, digest: str, size: int, base: BaseSignature, alias: str | None
     ) -> AdapterRecord:
         meta = adapter.meta
         with self.catalog.write() as s:
@@ -161,6 +141,9 @@ class Registry:
                 **catalog_values(meta), version=version, digest=digest, size_bytes=size,
                 num_classes=len(meta.class_names), param_counts=adapter.change_counts(),
             ))  # fmt: skip
+            if alias is not None:
+                s.flush()  # the version row exists before the alias names it
+                _point_alias(s, meta.task, alias, version)
         return self.get(meta.task, version)
 
     # ------------------------------------------------------------------------------ queries
@@ -321,11 +304,7 @@ class Registry:
             ).scalar()
             if exists is None:
                 raise AdapterNotFound(f"task {task!r} has no version {version}")
-            row = s.get(AliasRow, (task, alias))
-            if row is None:
-                s.add(AliasRow(task=task, alias=alias, version=version))
-            else:
-                row.version = version
+            _point_alias(s, task, alias, version)
 
     def remove_alias(self, task: str, alias: str) -> None:
         with self.catalog.write() as s:
@@ -352,14 +331,12 @@ class Registry:
         """The adapter file, verified against its digest (:class:`ChecksumMismatch` if corrupted)."""
         return self.blobs.get(record.digest)
 
-    def load(self, record: AdapterRecord, base: BaseSignature | None = None,
-             weights: BaseWeights | None = None) -> Any:  # fmt: skip
-        """Read, verify and decode an adapter; check it against ``base`` when given, with the
-        registration's servability checks too (the store may hold files from before them)."""
+    def load(self, record: AdapterRecord, base: ServingBase) -> Adapter:
+        """Read, verify and decode an adapter and check it against ``base`` with every rule of
+        registration (the store may hold files from before some of them)."""
         adapter = decode_adapter(self.read_bytes(record), self.limits)
-        if base is not None:
-            check_against_base(adapter, base, self.limits)
-            check_servable(adapter, base, weights)
+        check_against_base(adapter, base.signature, self.limits)
+        check_servable(adapter, base.signature, base.weights)
         return adapter
 
     def referenced_digests(self) -> set[str]:
@@ -392,7 +369,7 @@ class Registry:
             raise IncompatibleBase(
                 f"{record.task} v{record.version} needs base {record.base_fingerprint[:12]}…"
             )
-        adapter = self.load(record, base)
+        adapter = self.load(record, ServingBase.of(net, base))
         state = merge_state(dict(net.state_dict()), adapter)
         state.update({f"head.{k}": v for k, v in adapter.head.items()})
         if adapter.class_embeddings is not None:

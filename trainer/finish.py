@@ -15,11 +15,12 @@ from typing import Any
 
 from adapters_store.adapter import Adapter, AdapterInfo, utc_now_iso
 from adapters_store.format.codec import write_adapter
+from adapters_store.format.servable import StateWeights
 from adapters_store.registry import Registration
+from adapters_store.serving_base import ServingBase
 
 from .config import TrainConfig
-from .errors import TrainError
-from .export import check_written, default_output, register, snap, verified_adapter
+from .export import default_output, snap, store_written, verified_adapter
 from .run import Run
 
 # Versions recorded in the adapter's train_config, to tell how a stored adapter was made.
@@ -114,14 +115,7 @@ def write_and_register(run: Run, adapter: Adapter, metrics: dict[str, Any]) -> T
     write_adapter(adapter, out)
     if not options.keep_checkpoint:  # the run is over: its result is on disk
         plan.ckpt_path.unlink(missing_ok=True)
-    data = check_written(out, run.signature, settings)
-    registration = None
-    if options.register:
-        try:
-            registration = register(data, run.signature, settings, options.alias)
-        except Exception as exc:
-            raise TrainError(
-                f"wrote {out} but could not register it ({exc}); "
-                f"register it later with `deltaclip adapters register {out}`"
-            ) from exc
+    # The base as trained from (W0), with its weights: the store's every rule applies here too.
+    base = ServingBase(run.signature, StateWeights(run.session.base_state()))
+    registration = store_written(out, base, settings, options.alias, options.register)
     return TrainResult(out, metrics, cfg, run.log.path, registration)

@@ -4,7 +4,7 @@ A user who fine-tuned the whole image tower elsewhere (any trainer, any method) 
 checkpoint; this keeps the ``⌊density × eligible⌋`` largest ``|W − W0|`` over the whole tower (the
 same global top-k as RST's density budget, :func:`trainer.rst.enforce_budget`) and writes a v1
 adapter through the trainer's own path (``export.snap`` → ``export.verified_adapter`` →
-``check_written`` → ``register``), so the file obeys every rule a trained adapter obeys.
+``store_written``), so the file obeys every rule a trained adapter obeys.
 
 Loading never runs code: ``.safetensors`` through safetensors, anything else through
 ``torch.load(..., weights_only=True)``, which refuses a pickle that names a class. The checkpoint

@@ -20,6 +20,7 @@ from adapters_store.catalog import upgrade
 from adapters_store.config import StoreSettings
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 from deltaclip_client import Client
 from tests.conftest import png_bytes
@@ -51,7 +52,9 @@ def served(
         for seed in (1, 2):
             adapter = random_adapter(*tiny, "shapes", class_names=CLASSES, seed=seed)
             reg.register(
-                encode_adapter(adapter), tiny[1], alias="production" if seed == 1 else None
+                encode_adapter(adapter),
+                ServingBase.of(*tiny),
+                alias="production" if seed == 1 else None,
             )
     finally:
         reg.close()

@@ -13,6 +13,7 @@ from adapters_store.dbblobs import DatabaseBlobStore
 from adapters_store.errors import BlobNotFound
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 
 
@@ -29,7 +30,7 @@ def test_postgres_defaults_to_database_blobs_shared_across_hosts(
     a, b = _replica(pg_url, tmp_path / "host-a"), _replica(pg_url, tmp_path / "host-b")
     assert isinstance(a.blobs, DatabaseBlobStore)
     data = encode_adapter(random_adapter(*tiny, "shared"))
-    rec = a.register(data, tiny[1]).record
+    rec = a.register(data, ServingBase.of(*tiny)).record
     assert not (tmp_path / "host-b" / "blobs").exists()  # nothing on host b's disk yet
     assert b.read_bytes(b.resolve("shared")) == data  # fetched from the database, verified
     assert b.blobs.path_for(rec.digest).read_bytes() == data  # and cached locally by digest
@@ -50,9 +51,9 @@ def test_database_backend_also_works_on_sqlite(tmp_path: Path, tiny) -> None:  #
     upgrade(url)
     reg = _replica(url, tmp_path / "home", backend="database")
     data = encode_adapter(random_adapter(*tiny, "t"))
-    rec = reg.register(data, tiny[1]).record
-    assert reg.register(data, tiny[1]).record.version == rec.version == 1
+    rec = reg.register(data, ServingBase.of(*tiny)).record
+    assert reg.register(data, ServingBase.of(*tiny)).record.version == rec.version == 1
     assert list(reg.blobs.digests()) == [rec.digest]
     reg.blobs.cache.delete(rec.digest)
-    assert reg.load(rec).meta.task == "t"
+    assert reg.load(rec, ServingBase.of(*tiny)).meta.task == "t"
     reg.close()

@@ -41,10 +41,10 @@ def test_a_slow_cold_load_does_not_stall_other_tasks(server_settings, tiny) -> N
         original = runtime.registry.load
         gate = threading.Event()
 
-        def slow_load(record, base=None, weights=None):  # type: ignore[no-untyped-def]
+        def slow_load(record, base):  # type: ignore[no-untyped-def]
             if record.task == "slow":
                 gate.wait(10)
-            return original(record, base, weights)
+            return original(record, base)
 
         runtime.registry.load = slow_load
         with ThreadPoolExecutor(2) as pool:
