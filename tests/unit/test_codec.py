@@ -840,3 +840,12 @@ def test_the_format_package_exports_its_public_surface() -> None:
     assert fmt.check_servable is servable.check_servable
     with pytest.raises(AttributeError):
         _ = fmt.no_such_name
+
+
+def test_the_metadata_schema_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, adapters_store.format.schema; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
