@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from . import errors
-from .api.routes import adapters, admin, catalog, health, predict
+from .api.routes import admin, catalog_html, catalog_json, health, predict
 from .config import ServerSettings
 from .hygiene import HeadAsGetMiddleware, HeadLimitMiddleware, UnexpectedErrorMiddleware
 from .limits import BodyLimitMiddleware, ReplicaHeaderMiddleware
@@ -56,7 +56,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     )
     errors.install(app)
 
-    for module in (predict, adapters, admin, catalog, health):
+    for module in (predict, catalog_json, admin, catalog_html, health):
         app.include_router(module.router)
 
     def limit_for(path: str) -> int:

@@ -1,4 +1,4 @@
-"""The catalog as an HTML page for people (the JSON reads are in :mod:`.adapters`)."""
+"""The catalog as an HTML page for people (the JSON reads are in :mod:`.catalog_json`)."""
 
 from __future__ import annotations
 
