@@ -230,7 +230,7 @@ RULES: tuple[Rule, ...] = (
 )  # fmt: skip
 
 
-# What the middlewares answer on any path before a route runs (server/hygiene.py, limits.py).
+# What the middlewares answer on any path before a route runs (server/middleware/).
 ANY_ROUTE: tuple[type[BaseException], ...] = (HeadersTooLarge, PayloadTooLarge, InvalidRequest)
 INTERNAL = ("internal", "a bug: the server logged it with its traceback")
 

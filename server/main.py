@@ -14,9 +14,13 @@ from fastapi_offline import FastAPIOffline
 from . import errors
 from .api.routes import admin, catalog_html, catalog_json, health, predict
 from .config import ServerSettings
-from .hygiene import HeadAsGetMiddleware, HeadLimitMiddleware, UnexpectedErrorMiddleware
-from .limits import BodyLimitMiddleware, ReplicaHeaderMiddleware
 from .metrics import Metrics, ResponseMetricsMiddleware
+from .middleware.body import BodyLimitMiddleware, ReplicaHeaderMiddleware
+from .middleware.connection import (
+    HeadAsGetMiddleware,
+    HeadLimitMiddleware,
+    UnexpectedErrorMiddleware,
+)
 from .runtime import Runtime
 from .service import Service
 

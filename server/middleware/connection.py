@@ -18,7 +18,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import HeadersTooLarge, error_response
+from ..errors import HeadersTooLarge, error_response
 
 log = logging.getLogger("deltaclip.server")
 
