@@ -21,7 +21,7 @@ from adapters_store.serving_base import ServingBase
 
 from .config import TrainConfig
 from .export import default_output, snap, store_written, verified_adapter
-from .run import Run
+from .run_state import Run
 
 # Versions recorded in the adapter's train_config, to tell how a stored adapter was made.
 RECORDED_PACKAGES = ("deltaclip", "torch", "open_clip_torch")

@@ -24,9 +24,9 @@ from adapters_store.serving_base import ServingBase
 from .config import RESIDUAL_DTYPES
 from .errors import CheckpointRefused
 from .evaluate import folder_data, predictions
+from .execution import resolve_device
 from .export import default_output, store_written
 from .import_finetune import Imported, ImportRequest, build_import
-from .runtime import resolve_device
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:

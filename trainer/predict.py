@@ -84,7 +84,7 @@ def local_rows(args: argparse.Namespace, settings: StoreSettings) -> Iterator[Ro
 
     from .data import load_rgb
     from .evaluate import load_task_model
-    from .runtime import resolve_device
+    from .execution import resolve_device
 
     model = load_task_model(settings, args.task, args.version, args.alias,
                             resolve_device(args.device, settings))  # fmt: skip
