@@ -105,7 +105,7 @@ class Registry:
         existing = self.find_by_digest(digest)
         if existing is None:
             adapter = admit(data, base, self.limits)
-            self.blobs.put(data, digest)
+            self.blobs.put(data, digest, hashed=True)
             try:
                 record = self._insert(adapter, digest, len(data), base.signature, alias)
             except AlreadyExists:
@@ -115,7 +115,9 @@ class Registry:
                     raise
             else:
                 return Registration(record, created=True)
-        self.blobs.put(data, digest)  # re-create a blob lost to an interrupted gc or disk loss
+        # Re-create a blob lost to an interrupted gc or disk loss (bytes the store holds intact
+        # are not sent again).
+        self.blobs.put(data, digest, hashed=True)
         if alias is not None:
             self.set_alias(existing.task, alias, existing.version)
             existing = self.get(existing.task, existing.version)

@@ -57,3 +57,52 @@ def test_database_backend_also_works_on_sqlite(tmp_path: Path, tiny) -> None:  #
     reg.blobs.cache.delete(rec.digest)
     assert reg.load(rec, ServingBase.of(*tiny)).meta.task == "t"
     reg.close()
+
+
+@pytest.mark.parametrize("backend", ["database", "filesystem"])
+def test_registered_bytes_are_hashed_once_and_never_sent_twice(
+    tmp_path: Path, tiny, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Registration hashes the file once (the blob store trusts that digest), and registering
+    bytes the database already holds does not send them to it again."""
+    from sqlalchemy import event
+
+    from adapters_store import blobs, registry
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    reg = _replica(url, tmp_path / "home", backend=backend)
+    data = encode_adapter(random_adapter(*tiny, "t"))
+    base = ServingBase.of(*tiny)
+    hashed: list[int] = []
+
+    def counting(payload: bytes | memoryview) -> str:
+        hashed.append(len(payload))
+        return real(payload)
+
+    real = blobs.sha256_hex
+    monkeypatch.setattr(blobs, "sha256_hex", counting)
+    monkeypatch.setattr(registry, "sha256_hex", counting)
+    sent: list[int] = []
+
+    def record_sent(conn, cursor, statement, parameters, context, many) -> None:  # type: ignore[no-untyped-def]
+        rows = parameters if many else [parameters]
+        flat = [v for row in rows for v in (row.values() if isinstance(row, dict) else row)]
+        sent.extend(len(v) for v in flat if isinstance(v, bytes | memoryview) and bytes(v) == data)
+
+    engines = {reg.catalog.write_engine, reg.catalog.read_engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record_sent)
+    try:
+        assert reg.register(data, base).created
+        assert hashed == [len(data)], "the incoming bytes are hashed once"
+        assert sent == ([len(data)] if backend == "database" else [])
+        hashed.clear()
+        assert not reg.register(data, base, alias="production").created
+        assert hashed == [len(data)]
+        assert sent == ([len(data)] if backend == "database" else []), "not sent again"
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record_sent)
+    assert reg.read_bytes(reg.resolve("t", alias="production")) == data
+    reg.close()
