@@ -113,7 +113,7 @@ def test_predict_in_process_and_through_the_server(served, folder: Path, tmp_pat
     with Client(srv.url) as client:
         for name in GOOD:
             asked = client.predict("shapes", folder / name, top_k=2)  # the server's own answer
-            expected = [(x.label, x.score) for x in asked.labels[0]]
+            expected = [(x.label, x.score) for x in asked.predictions[0]]
             row, served_row = local[name], remote[name]
             assert (row["task"], row["version"], row["error"]) == ("shapes", "1", "")
             assert (served_row["task"], served_row["version"], served_row["error"]) == (
