@@ -27,6 +27,7 @@ from adapters_store.catalog import upgrade
 from adapters_store.format.codec import encode_adapter
 from adapters_store.head import TaskHead
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from bench.harness import Result, add_common, csv_list, median, p, time_once
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -68,6 +69,7 @@ def populate(reg: Registry, n: int, net: Any, sig: Any) -> float:
     base = {k: v.detach() for k, v in tower_parameters(net).items()}
     head = TaskHead(sig.embed_dim, 3).state_dict()
     key = next(iter(base))
+    serving = ServingBase.of(net, sig)
     t = time.perf_counter()
     for i in range(n):
         task_state = dict(base)
@@ -91,7 +93,7 @@ def populate(reg: Registry, n: int, net: Any, sig: Any) -> float:
             ),
             head_state=head,
         )
-        reg.register(encode_adapter(adapter), sig)
+        reg.register(encode_adapter(adapter), serving)
     return time.perf_counter() - t
 
 
