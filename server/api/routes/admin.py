@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.requests import ClientDisconnect
 
 from adapters_store import errors as store
+from adapters_store.names import NAME_PATTERN
 from deltaclip_api import AdapterRef, AliasRemoved, AliasSet, Deleted, Registration
 
 from ...errors import (
@@ -24,7 +25,7 @@ from ...errors import (
     UnsupportedMediaType,
     documented,
 )
-from ..deps import NAME_PATTERN, AdminDep, ServiceDep
+from ..deps import AdminDep, ServiceDep
 from ..uploads import read_files, upload_openapi
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"], dependencies=[AdminDep])

@@ -8,9 +8,11 @@ from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
+from adapters_store.names import NAME_PATTERN
+
 from ...catalog_page import render
 from ...errors import documented
-from ..deps import NAME_PATTERN, ServiceDep
+from ..deps import ServiceDep
 
 router = APIRouter(tags=["catalog"])
 

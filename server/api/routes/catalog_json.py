@@ -11,9 +11,10 @@ from fastapi.responses import Response
 
 from adapters_store import errors as store
 from adapters_store.errors import AdapterNotFound
+from adapters_store.names import NAME_PATTERN
 
 from ...errors import documented
-from ..deps import NAME_PATTERN, RuntimeDep
+from ..deps import RuntimeDep
 from ..schemas import AdapterDetail, AdapterPage, TaskVersions
 
 router = APIRouter(prefix="/adapters", tags=["catalog"])

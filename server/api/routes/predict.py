@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 
 from adapters_store import errors as store
+from adapters_store.names import NAME_PATTERN
 from deltaclip_api import BaseInfo, Label, Prediction, ZeroShot
 
 from ...errors import (
@@ -29,7 +30,7 @@ from ...errors import (
     documented,
 )
 from ...service import ReadImages
-from ..deps import NAME_PATTERN, ServiceDep
+from ..deps import ServiceDep
 from ..uploads import read_files, upload_openapi
 
 router = APIRouter(tags=["predict"])
