@@ -10,11 +10,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 10001 deltaclip && mkdir -p /data && chown deltaclip /data
 # A regular (non-editable) install from a throw-away source folder: the migrations travel inside
 # the package (adapters_store.migrations, from alembic/), so `deltaclip db upgrade` (the compose
-# file's migrate service) needs neither the source tree nor alembic.ini.
+# file's migrate service) needs neither the source tree nor alembic.ini. Every package that
+# pyproject.toml lists must be copied: tests/e2e/test_wheel.py builds a wheel from exactly these files.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY alembic ./alembic
 COPY adapters_store ./adapters_store
+COPY deltaclip_api ./deltaclip_api
+COPY deltaclip_client ./deltaclip_client
 COPY trainer ./trainer
 COPY deltaclip_demo ./deltaclip_demo
 COPY server ./server

@@ -10,8 +10,8 @@ patcher all reproduce bit for bit::
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -90,33 +90,51 @@ def utc_now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a producer says about an adapter: the metadata of format v1 (docs/FORMAT.md §3)
+    that the tensors cannot tell. :func:`build_adapter` derives the rest.
+
+    Attributes:
+        base_model, base_pretrained, base_fingerprint: the base it was trained on (the names
+            must be that base's: rule ``base-names``).
+        created_at: ISO 8601 UTC; None for now.
+    """
+
+    task: str
+    base_model: str
+    base_pretrained: str
+    base_fingerprint: str
+    class_names: Sequence[str]
+    source_domain: str = ""
+    target_domain: str = ""
+    method: str = ""
+    train_config: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+
+
 def build_adapter(
     base_state: Mapping[str, torch.Tensor],
     task_state: Mapping[str, torch.Tensor],
+    info: AdapterInfo,
     *,
-    task: str,
-    base_model: str,
-    base_pretrained: str,
-    base_fingerprint: str,
-    class_names: list[str],
     head_state: Mapping[str, torch.Tensor],
+    class_embeddings: torch.Tensor | None = None,
     eligible: Mapping[str, torch.Tensor] | None = None,
     mask: Mapping[str, torch.Tensor] | None = None,
     residual_dtype: torch.dtype = torch.float32,
     block_size: int = 1,
-    class_embeddings: torch.Tensor | None = None,
-    source_domain: str = "",
-    target_domain: str = "",
-    method: str = "",
-    train_config: Mapping[str, Any] | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    created_at: str | None = None,
 ) -> Adapter:
     """Residual = task - base at every position that differs (and, if given, where ``mask`` is set).
 
     Args:
         base_state: the base's parameters (only keys also in ``task_state`` are compared).
         task_state: the task's parameters, same keys, shapes and dtypes as in ``base_state``.
+        info: what the producer says about the adapter; the rest of its metadata (head shape,
+            residual dtype, ``nnz``, ``eligible_params``, density) is derived here.
+        head_state: the task head's ``state_dict`` (its width and class count must agree with
+            ``info.class_names``).
         eligible: the parameters allowed to change (defaults to ``task_state``'s keys); their
             total size is recorded as ``eligible_params``.
         mask: optional boolean tensors per key restricting which positions may be stored.
@@ -170,22 +188,22 @@ def build_adapter(
     nnz = sum(r.nnz for r in residual.values())
     dim = int(head_state["fc.weight"].shape[1])
     meta = AdapterMeta(
-        task=task,
-        base_model=base_model,
-        base_pretrained=base_pretrained,
-        base_fingerprint=base_fingerprint,
-        class_names=list(class_names),
-        head=head_meta(dim, len(class_names)),
+        task=info.task,
+        base_model=info.base_model,
+        base_pretrained=info.base_pretrained,
+        base_fingerprint=info.base_fingerprint,
+        class_names=list(info.class_names),
+        head=head_meta(dim, len(info.class_names)),
         residual_dtype=dtype_name(residual_dtype),
         nnz=nnz,
         eligible_params=eligible_count,
         density=nnz / eligible_count if eligible_count else 0.0,
-        source_domain=source_domain,
-        target_domain=target_domain,
-        method=method,
-        train_config=dict(train_config or {}),
-        metrics=dict(metrics or {}),
-        created_at=created_at or utc_now_iso(),
+        source_domain=info.source_domain,
+        target_domain=info.target_domain,
+        method=info.method,
+        train_config=dict(info.train_config),
+        metrics=dict(info.metrics),
+        created_at=info.created_at or utc_now_iso(),
     )
     head = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
     emb = (

@@ -57,6 +57,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def announced(data: bytes | memoryview, digest: str | None, hashed: bool) -> str:
+    """The digest of ``data``: ``digest`` as given when the caller ``hashed`` these bytes itself,
+    else computed (and checked against ``digest`` when one is announced)."""
+    if hashed and digest is not None:
+        check_digest(digest)
+        return digest
+    actual = sha256_hex(data)
+    if digest is not None and digest != actual:
+        raise ChecksumMismatch(f"data hashes to {actual}, not the announced {digest}")
+    return actual
+
+
 def readable(store: Any, digest: str) -> bool:
     """True when ``store.get(digest)`` returns the blob (``get`` verifies the checksum)."""
     try:
@@ -79,16 +91,18 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         return self.path_for(digest).is_file()
 
-    def put(self, data: bytes | memoryview, digest: str | None = None) -> str:
+    def put(
+        self, data: bytes | memoryview, digest: str | None = None, *, hashed: bool = False
+    ) -> str:
         """Store ``data`` and return its digest; a no-op (bar refreshing mtime) if already stored.
 
         Args:
             data: the bytes.
             digest: the caller's already computed digest, checked against the data.
+            hashed: the caller computed ``digest`` from these very bytes (the registry does):
+                they are not hashed again.
         """
-        actual = sha256_hex(data)
-        if digest is not None and digest != actual:
-            raise ChecksumMismatch(f"data hashes to {actual}, not the announced {digest}")
+        actual = announced(data, digest, hashed)
         final = self.path_for(actual)
         if final.is_file() and _file_sha256(final) == actual:
             # Refresh mtime so a concurrent gc with a grace period keeps a blob being re-registered.

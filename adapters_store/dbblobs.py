@@ -12,11 +12,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .blobs import BlobStore, check_digest, readable, sha256_hex
+from .blobs import BlobStore, announced, check_digest, readable, sha256_hex
 from .catalog import Catalog
 from .errors import BlobNotFound, ChecksumMismatch
 from .models import BlobRow
@@ -34,17 +35,26 @@ class DatabaseBlobStore:
         """Where the local cached copy lives (it may be absent)."""
         return self.cache.path_for(digest)
 
-    def put(self, data: bytes | memoryview, digest: str | None = None) -> str:
-        actual = sha256_hex(data)
-        if digest is not None and digest != actual:
-            raise ChecksumMismatch(f"data hashes to {actual}, not the announced {digest}")
+    def put(
+        self, data: bytes | memoryview, digest: str | None = None, *, hashed: bool = False
+    ) -> str:
+        """Store ``data`` (see :meth:`BlobStore.put`); bytes the database already holds under
+        their digest are not sent again (the row's ``touched_at`` is refreshed)."""
+        actual = announced(data, digest, hashed)
         with self.catalog.write() as s:
+            touched = s.execute(
+                update(BlobRow).where(BlobRow.digest == actual).values(touched_at=func.now())
+            )
+            if cast(CursorResult[Any], touched).rowcount:
+                if not self.cache.exists(actual):
+                    self.cache.put(data, actual, hashed=True)
+                return actual
             dialect = s.get_bind().dialect.name
             ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(BlobRow)
             values = {"digest": actual, "size": len(data), "data": bytes(data)}
             s.execute(ins.values(**values).on_conflict_do_update(
                 index_elements=["digest"], set_={"touched_at": func.now()}))  # fmt: skip
-        self.cache.put(data, actual)
+        self.cache.put(data, actual, hashed=True)
         return actual
 
     def get(self, digest: str) -> bytes:

@@ -62,14 +62,20 @@ class NotFound(StoreError, LookupError):
 
 
 class AdapterNotFound(NotFound):
+    """No such task, version or alias."""
+
     code = "adapter_not_found"
 
 
 class BlobNotFound(NotFound):
+    """No stored file under that digest."""
+
     code = "blob_not_found"
 
 
 class BaseNotFound(NotFound):
+    """No such base model."""
+
     code = "base_not_found"
 
 

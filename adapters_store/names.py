@@ -8,7 +8,9 @@ from .errors import InvalidName
 
 # Task and alias names: letters, digits, '.', '_', '-'; no leading punctuation (so no '..', no
 # hidden files) and no separators or control characters.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""The pattern as a whole-string regular expression (the HTTP API's parameter rule too)."""
+_NAME_RE = re.compile(NAME_PATTERN)
 # A state_dict key: dotted identifiers, e.g. "visual.transformer.resblocks.3.mlp.c_fc.weight".
 PARAM_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # always fullmatch
 

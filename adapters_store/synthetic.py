@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import Adapter, build_adapter
+from .adapter import Adapter, AdapterInfo, build_adapter
 from .bases import BaseSignature, tower_parameters
 from .head import TaskHead
 
@@ -56,18 +56,20 @@ def random_adapter(
     return build_adapter(
         base,
         task_state,
-        task=task,
-        base_model=sig.model,
-        base_pretrained=sig.pretrained,
-        base_fingerprint=sig.fingerprint,
-        class_names=classes,
+        AdapterInfo(
+            task=task,
+            base_model=sig.model,
+            base_pretrained=sig.pretrained,
+            base_fingerprint=sig.fingerprint,
+            class_names=classes,
+            source_domain="synthetic-source",
+            target_domain="synthetic-target",
+            method="synthetic",
+            train_config={"generator": "adapters_store.synthetic", "density": density, "seed": seed}
+            | ({"block_size": block_size} if block_size > 1 else {}),
+        ),
         head_state=head.state_dict(),
         class_embeddings=emb,
         residual_dtype=residual_dtype,
         block_size=block_size,
-        source_domain="synthetic-source",
-        target_domain="synthetic-target",
-        method="synthetic",
-        train_config={"generator": "adapters_store.synthetic", "density": density, "seed": seed}
-        | ({"block_size": block_size} if block_size > 1 else {}),
     )

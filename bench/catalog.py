@@ -21,12 +21,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from adapters_store.adapter import build_adapter
+from adapters_store.adapter import AdapterInfo, build_adapter
 from adapters_store.bases import TINY, build_base, signature_of, tower_parameters
 from adapters_store.catalog import upgrade
 from adapters_store.format.codec import encode_adapter
 from adapters_store.head import TaskHead
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from bench.harness import Result, add_common, csv_list, median, p, time_once
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -68,6 +69,7 @@ def populate(reg: Registry, n: int, net: Any, sig: Any) -> float:
     base = {k: v.detach() for k, v in tower_parameters(net).items()}
     head = TaskHead(sig.embed_dim, 3).state_dict()
     key = next(iter(base))
+    serving = ServingBase.of(net, sig)
     t = time.perf_counter()
     for i in range(n):
         task_state = dict(base)
@@ -75,12 +77,23 @@ def populate(reg: Registry, n: int, net: Any, sig: Any) -> float:
         w.view(-1)[i % w.numel()] += 1e-3
         task_state[key] = w
         adapter = build_adapter(
-            base, task_state, task=f"task{i // 10:04d}", base_model=sig.model, base_pretrained=sig.pretrained,
-            base_fingerprint=sig.fingerprint, class_names=["a", "b", "c"], head_state=head,
-            source_domain=f"src{i % 4}", target_domain=f"tgt{i % 25}", method="bench",
-            created_at="2026-01-01T00:00:00Z", train_config={"seed": i},
-        )  # fmt: skip
-        reg.register(encode_adapter(adapter), sig)
+            base,
+            task_state,
+            AdapterInfo(
+                task=f"task{i // 10:04d}",
+                base_model=sig.model,
+                base_pretrained=sig.pretrained,
+                base_fingerprint=sig.fingerprint,
+                class_names=["a", "b", "c"],
+                source_domain=f"src{i % 4}",
+                target_domain=f"tgt{i % 25}",
+                method="bench",
+                created_at="2026-01-01T00:00:00Z",
+                train_config={"seed": i},
+            ),
+            head_state=head,
+        )
+        reg.register(encode_adapter(adapter), serving)
     return time.perf_counter() - t
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.bases import tower_parameters
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 from bench.harness import (
     Result,
@@ -113,7 +114,7 @@ def latency(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
         engine.run(prepared, tf(Image.open(io.BytesIO(jpeg)))[None])
 
     with tempfile.TemporaryDirectory() as tmp:
-        register(Path(tmp), sig, iter([adapter]))
+        register(Path(tmp), ServingBase.of(net, sig), iter([adapter]))
         with server(Path(tmp), base_spec(args.base), args.device, args.max_batch) as url, \
                 httpx.Client(base_url=url, timeout=60) as c:  # fmt: skip
 

@@ -29,6 +29,7 @@ from adapters_store.adapter import Adapter, AdapterMeta, Residual, utc_now_iso
 from adapters_store.bases import tower_parameters
 from adapters_store.format.codec import encode_adapter
 from adapters_store.head import HEAD_TYPE, TaskHead
+from adapters_store.serving_base import ServingBase
 from bench.harness import median, p
 
 CLASSES = [f"class {i}" for i in range(5)]
@@ -78,7 +79,7 @@ def tower_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in tower_parameters(net).items()}
 
 
-def register(home: Path, sig: Any, adapters: Iterator[Adapter]) -> list[Any]:
+def register(home: Path, base: Any, adapters: Iterator[Adapter]) -> list[Any]:
     """Register adapters into the SQLite catalog + blob folder under ``home`` (created if new)."""
     from adapters_store.catalog import upgrade
     from adapters_store.config import StoreSettings
@@ -88,7 +89,7 @@ def register(home: Path, sig: Any, adapters: Iterator[Adapter]) -> list[Any]:
     upgrade(url)
     reg = Registry.from_settings(StoreSettings(home=home, database_url=url))
     try:
-        return [reg.register(encode_adapter(a), sig).record for a in adapters]
+        return [reg.register(encode_adapter(a), base).record for a in adapters]
     finally:
         reg.close()
 
@@ -97,7 +98,7 @@ def build_store(home: Path, net: nn.Module, sig: Any, n: int, density: float) ->
     """Register ``n`` adapters ``t0..t{n-1}`` into a fresh SQLite catalog + blob folder."""
     base = tower_state(net)
     t = time.perf_counter()
-    records = register(home, sig, (fast_adapter(base, sig, f"t{i}", density, seed=1000 + i) for i in range(n)))  # fmt: skip
+    records = register(home, ServingBase.of(net, sig), (fast_adapter(base, sig, f"t{i}", density, seed=1000 + i) for i in range(n)))  # fmt: skip
     return {
         "adapters": n, "density": density, "nnz_mean": sum(r.nnz for r in records) / n,
         "file_bytes_mean": sum(r.size_bytes for r in records) / n, "build_s": time.perf_counter() - t,

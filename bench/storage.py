@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from adapters_store.adapter import Adapter, build_adapter
+from adapters_store.adapter import Adapter, AdapterInfo, build_adapter
 from adapters_store.bases import tower_parameters
 from adapters_store.format.codec import encode_adapter
 from adapters_store.head import TaskHead
@@ -71,14 +71,18 @@ def run(args: argparse.Namespace, result: Result) -> None:
 def file_sizes(net: Any, sig: Any, densities: list[float], block_sizes: list[int]) -> dict[str, Any]:  # fmt: skip
     """Format v1 bytes of one adapter per density, block size and residual dtype, and the table."""
     head = TaskHead(sig.embed_dim, 65).state_dict()
-    common = dict(task="bench", base_model=sig.model, base_pretrained=sig.pretrained,
-                  base_fingerprint=sig.fingerprint, class_names=[f"c{i}" for i in range(65)], head_state=head)  # fmt: skip
+    info = AdapterInfo(
+        task="bench", base_model=sig.model, base_pretrained=sig.pretrained,
+        base_fingerprint=sig.fingerprint, class_names=[f"c{i}" for i in range(65)],
+    )  # fmt: skip
     base = {k: p.detach() for k, p in tower_parameters(net).items()}
     rows = []
     for density, b in [(d, b) for b in block_sizes for d in densities]:
         _, task = random_task_state(net, density, seed=1, block_size=b)
         for dtype in (torch.float32, torch.bfloat16):
-            adapter = build_adapter(base, task, residual_dtype=dtype, block_size=b, **common)
+            adapter = build_adapter(
+                base, task, info, head_state=head, residual_dtype=dtype, block_size=b
+            )
             data = encode_adapter(adapter)
             header = 8 + int.from_bytes(data[:8], "little")
             head_bytes = sum(t.numel() * t.element_size() for t in adapter.head.values())

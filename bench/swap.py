@@ -294,6 +294,7 @@ def cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
     from adapters_store.catalog import upgrade
     from adapters_store.config import StoreSettings
     from adapters_store.registry import Registry
+    from adapters_store.serving_base import ServingBase
     from server.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,9 +302,10 @@ def cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
         upgrade(url)
         reg = Registry.from_settings(StoreSettings(home=Path(tmp), database_url=url))
         adapter = random_adapter(net, sig, "cold", density=0.005, seed=2)
-        record = reg.register(encode_adapter(adapter), sig).record
+        base = ServingBase.of(net, sig)
+        record = reg.register(encode_adapter(adapter), base).record
         engine = Engine(net, sig, args.device, "float32")
-        times = timeit(lambda: engine.prepare(record, reg.load(record, sig)), max(3, 3 * args.repeat // 10))  # fmt: skip
+        times = timeit(lambda: engine.prepare(record, reg.load(record, base)), max(3, 3 * args.repeat // 10))  # fmt: skip
         reg.close()
     engine.restore_base()
     return {"nnz": record.nnz, "bytes": record.size_bytes,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from adapters_store.format.codec import encode_adapter
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 from adapters_store.transforms import native_size
 from bench.harness import Blocks, median, p, print_table, time_once, timeit, wait_for_quiet
@@ -103,14 +104,15 @@ def block_cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, A
     from server.engine import Engine
 
     rows = []
+    base = ServingBase.of(net, sig)
     engine = Engine(net, sig, args.device, "float32")
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/c.db"
         upgrade(url)
         reg = Registry.from_settings(StoreSettings(home=Path(tmp), database_url=url))
         for (b, d), ads in _adapters(net, sig, args, per=1).items():
-            record = reg.register(encode_adapter(ads[0]), sig).record
-            times = timeit(lambda r=record: engine.prepare(r, reg.load(r, sig)), args.served)
+            record = reg.register(encode_adapter(ads[0]), base).record
+            times = timeit(lambda r=record: engine.prepare(r, reg.load(r, base)), args.served)
             rows.append({"block_size": b, "density": d, "nnz": record.nnz, "bytes": record.size_bytes,
                          "p50_ms": median(times) * 1e3, "p99_ms": p(times, 0.99) * 1e3})  # fmt: skip
             print(rows[-1], flush=True)

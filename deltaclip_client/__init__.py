@@ -8,10 +8,28 @@ server over HTTP with it::
 
     with Client("http://127.0.0.1:8000", token=os.environ["DELTACLIP_ADMIN_TOKEN"]) as c:
         c.register("task.safetensors", alias="production")
-        print(c.predict("real2sketch", "photo.jpg", top_k=3).labels[0])
+        print(c.predict("real2sketch", "photo.jpg", top_k=3).predictions[0])
+
+Answers are the models of :mod:`deltaclip_api`, which the server declares in its OpenAPI
+document; they are re-exported here.
 """
 
-from .answers import AdapterPage, Label, Prediction, Registration, ZeroShot
+from deltaclip_api import (
+    AdapterRef,
+    AliasRemoved,
+    AliasSet,
+    BaseInfo,
+    BaseStatus,
+    ErrorBody,
+    Health,
+    Label,
+    Prediction,
+    Readiness,
+    Registration,
+    ZeroShot,
+)
+
+from .answers import AdapterPage
 from .client import Client, ImageInput
 from .errors import (
     ApiError,
@@ -31,8 +49,33 @@ from .errors import (
 )
 
 __all__ = [
-    "AdapterPage", "ApiError", "BadRequest", "Client", "ClientError", "Conflict", "Forbidden",
-    "ImageInput", "InvalidAnswer", "Label", "NotFound", "PayloadTooLarge", "Prediction",
-    "Registration", "ServerFailed", "TransportFailed", "Unauthorized", "Unavailable",
-    "Unprocessable", "UnsupportedMediaType", "ZeroShot",
-]  # fmt: skip
+    "AdapterPage",
+    "AdapterRef",
+    "AliasRemoved",
+    "AliasSet",
+    "ApiError",
+    "BadRequest",
+    "BaseInfo",
+    "BaseStatus",
+    "Client",
+    "ClientError",
+    "Conflict",
+    "ErrorBody",
+    "Forbidden",
+    "Health",
+    "ImageInput",
+    "InvalidAnswer",
+    "Label",
+    "NotFound",
+    "PayloadTooLarge",
+    "Prediction",
+    "Readiness",
+    "Registration",
+    "ServerFailed",
+    "TransportFailed",
+    "Unauthorized",
+    "Unavailable",
+    "Unprocessable",
+    "UnsupportedMediaType",
+    "ZeroShot",
+]

@@ -1,8 +1,9 @@
 """A synchronous client for ``deltaclip serve``'s HTTP API (docs/API.md), over httpx.
 
 It sends what the routes take (multipart images, an adapter file, JSON for an alias), reads
-each answer into a typed value (:mod:`deltaclip_client.answers`) and each error into a typed
-exception carrying the server's code and message (:mod:`deltaclip_client.errors`). A 503 (the
+each answer into the model the server declares for it (:mod:`deltaclip_api`, the same models
+its OpenAPI document carries) and each error into a typed exception carrying the server's code
+and message (:mod:`deltaclip_client.errors`). A 503 (the
 base still loading, the queue full) is retried after the ``Retry-After`` the server sent, a
 bounded number of times; nothing else is retried, since the other errors would answer the same.
 """
@@ -18,7 +19,20 @@ from typing import Any, TypeVar
 
 import httpx
 
-from .answers import AdapterPage, Prediction, Registration, ZeroShot
+from deltaclip_api import (
+    AdapterRef,
+    AliasRemoved,
+    AliasSet,
+    Deleted,
+    ErrorBody,
+    Health,
+    Prediction,
+    Readiness,
+    Registration,
+    ZeroShot,
+)
+
+from .answers import AdapterPage
 from .errors import ApiError, InvalidAnswer, NotFound, TransportFailed, Unavailable, error_for
 
 ImageInput = bytes | str | os.PathLike[str]
@@ -38,20 +52,21 @@ def _retry_after(value: str | None) -> float | None:
 def _error(response: httpx.Response) -> ApiError:
     code, message = f"http_{response.status_code}", response.text[:300].strip()
     try:
-        detail = response.json()["error"]
-        code, message = str(detail["code"]), str(detail["message"])
-    except (ValueError, KeyError, TypeError):
+        detail = ErrorBody.model_validate_json(response.content).error
+        code, message = detail.code, detail.message
+    except ValueError:  # not the API's error body (e.g. a proxy's page)
         pass
     retry = _retry_after(response.headers.get("retry-after"))
     return error_for(response.status_code, code, message or response.reason_phrase, retry)
 
 
-def _read(parse: Callable[[dict[str, Any]], T], body: dict[str, Any], what: str) -> T:
-    """A typed answer, or :class:`InvalidAnswer` when the JSON lacks what the API promises."""
+def _read(parse: Callable[[Any], T], body: Any, what: str) -> T:
+    """A typed answer, or :class:`InvalidAnswer` when the JSON lacks what the API promises
+    (pydantic's ``ValidationError`` is a ``ValueError``)."""
     try:
         return parse(body)
     except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidAnswer(f"{what}: an answer without the API's fields ({exc!r})") from None
+        raise InvalidAnswer(f"{what}: an answer without the API's fields ({exc})") from None
 
 
 def _part(image: ImageInput, index: int) -> tuple[str, tuple[str, bytes, str]]:
@@ -154,14 +169,14 @@ class Client:
             params["alias"] = alias
         files = [_part(image, i) for i, image in enumerate(images)]
         body = self._json("POST", "/predict", params=params, files=files)
-        return _read(Prediction.from_json, body, "POST /predict")
+        return _read(Prediction.model_validate, body, "POST /predict")
 
     def zero_shot(self, labels: list[str], *images: ImageInput, top_k: int = 5) -> ZeroShot:
         """Classify images over free-form ``labels`` with the base's text tower (no adapter)."""
         params = {"labels": ",".join(labels), "top_k": top_k}
         files = [_part(image, i) for i, image in enumerate(images)]
         body = self._json("POST", "/predict/zero-shot", params=params, files=files)
-        return _read(ZeroShot.from_json, body, "POST /predict/zero-shot")
+        return _read(ZeroShot.model_validate, body, "POST /predict/zero-shot")
 
     # ---------------------------------------------------------------------------------- catalog
 
@@ -237,28 +252,31 @@ class Client:
         form = {"alias": alias} if alias else {}
         files = {"file": (name, data, "application/octet-stream")}
         body = self._json("POST", "/admin/adapters", files=files, data=form)
-        return _read(Registration.from_json, body, "POST /admin/adapters")
+        return _read(Registration.model_validate, body, "POST /admin/adapters")
 
-    def delete(self, task: str, version: int) -> dict[str, Any]:
-        """Delete one version for good: ``{"task", "version", "digest"}`` of what went."""
-        body = self._json("DELETE", f"/admin/adapters/{task}/versions/{version}")
-        return dict(body["deleted"])
+    def delete(self, task: str, version: int) -> AdapterRef:
+        """Delete one version for good; the task, version and digest of what went."""
+        path = f"/admin/adapters/{task}/versions/{version}"
+        return _read(Deleted.model_validate, self._json("DELETE", path), f"DELETE {path}").deleted
 
-    def set_alias(self, task: str, alias: str, version: int) -> None:
+    def set_alias(self, task: str, alias: str, version: int) -> AliasSet:
         """Point ``alias`` of ``task`` at ``version``."""
-        self._json("PUT", f"/admin/adapters/{task}/aliases/{alias}", json={"version": version})
+        path = f"/admin/adapters/{task}/aliases/{alias}"
+        body = self._json("PUT", path, json={"version": version})
+        return _read(AliasSet.model_validate, body, f"PUT {path}")
 
-    def remove_alias(self, task: str, alias: str) -> None:
+    def remove_alias(self, task: str, alias: str) -> AliasRemoved:
         """Remove ``alias`` of ``task``."""
-        self._json("DELETE", f"/admin/adapters/{task}/aliases/{alias}")
+        path = f"/admin/adapters/{task}/aliases/{alias}"
+        return _read(AliasRemoved.model_validate, self._json("DELETE", path), f"DELETE {path}")
 
     # ----------------------------------------------------------------------------------- health
 
-    def health(self) -> dict[str, Any]:
-        """``/healthz``: ``{"status": "ok"}`` while the process runs; a quick reachability probe."""
-        return self._json("GET", "/healthz")
+    def health(self) -> Health:
+        """``/healthz``: status ``ok`` while the process runs; a quick reachability probe."""
+        return _read(Health.model_validate, self._json("GET", "/healthz"), "GET /healthz")
 
-    def wait_ready(self, timeout: float = 120.0, poll: float = 0.25) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 120.0, poll: float = 0.25) -> Readiness:
         """Wait until ``/readyz`` answers 200 (the base loaded); its answer.
 
         Raises:
@@ -269,7 +287,7 @@ class Client:
             try:
                 response = self._http.get("/readyz")
                 if response.is_success:
-                    return dict(response.json())
+                    return _read(Readiness.model_validate_json, response.content, "GET /readyz")
                 last: Exception = _error(response)
             except httpx.TransportError as exc:
                 last = TransportFailed(f"{self.url}: {str(exc) or type(exc).__name__}")

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .answers import Registration
+from deltaclip_api import Registration
+
 from .client import Client
 from .errors import ClientError, Unavailable
 
@@ -73,7 +74,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"deltaclip: error: push to {args.server}: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result.raw, indent=2, sort_keys=True))
+        print(json.dumps(result.model_dump(mode="json"), indent=2, sort_keys=True))
     else:
         what = "registered" if result.created else "already registered"
         print(f"{what} on {args.server}: {result.task} v{result.version} ({result.digest})")

@@ -99,7 +99,7 @@ def check_zero_shot(client: Client, folder: Path) -> float:
                       leave=False):  # fmt: skip
         chunk = images[start : start + BATCH]
         answer = client.zero_shot(labels, *(p for p, _ in chunk), top_k=1)
-        correct += sum(preds[0].label == label for (_, label), preds in zip(chunk, answer.labels, strict=True))  # fmt: skip
+        correct += sum(preds[0].label == label for (_, label), preds in zip(chunk, answer.predictions, strict=True))  # fmt: skip
     return correct / len(images)
 
 
@@ -119,7 +119,7 @@ def check_task(client: Client, task: str, folder: Path) -> dict[str, Any]:
         chunk = images[start : start + BATCH]
         answer = client.predict(task, *(p for p, _ in chunk), top_k=3)
         answered_by = f"v{answer.version} ({answer.digest[:12]}…)"
-        for (path, label), preds in zip(chunk, answer.labels, strict=True):
+        for (path, label), preds in zip(chunk, answer.predictions, strict=True):
             correct += preds[0].label == label
             if len(examples) < 3:
                 examples.append((path.parent.name + "/" + path.name, label, preds))

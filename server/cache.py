@@ -21,6 +21,7 @@ import torch
 
 from adapters_store.records import AdapterRecord
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 
 from .engine import Engine, PreparedAdapter
 from .metrics import Metrics
@@ -50,9 +51,10 @@ class AdapterLoader:
         self.registry = registry
         self.engine = engine
         self.weights = ServingWeights(engine)
+        self.base = ServingBase(engine.signature, self.weights)
 
     def __call__(self, record: AdapterRecord) -> PreparedAdapter:
-        adapter = self.registry.load(record, self.engine.signature, self.weights)
+        adapter = self.registry.load(record, self.base)
         return self.engine.prepare(record, adapter)
 
 
@@ -81,9 +83,9 @@ class AdapterCache:
         self.bytes = 0
 
     @property
-    def weights(self) -> ServingWeights:
-        """The serving base's weights, for registration's checks (the loader applies the same)."""
-        return self._loader.weights
+    def base(self) -> ServingBase:
+        """The serving base, for registration's checks (the loader applies the same)."""
+        return self._loader.base
 
     def __contains__(self, digest: str) -> bool:
         with self._lock:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from adapters_store.config import StoreSettings
 
@@ -21,7 +23,10 @@ class ServerSettings(StoreSettings):
     queue_size: int = Field(256, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(30.0, gt=0, description="waiting longer than this gives 504")
     cache_bytes: int = Field(1 << 30, ge=0, description="prepared adapters kept in memory (LRU)")
-    pin: list[str] = Field(default_factory=list, description="tasks preloaded and never evicted")
+    pin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="tasks preloaded and never evicted: comma-separated (a JSON list works too)",
+    )
     pin_refresh_s: float = Field(
         10.0, gt=0, description="pinned tasks are re-resolved this often (aliases moved elsewhere)"
     )
@@ -54,3 +59,13 @@ class ServerSettings(StoreSettings):
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
         description="sent as X-Deltaclip-Replica on every response (which replica answered)",
     )
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """``DELTACLIP_PIN=a,b`` as the docs show it; a JSON list (``["a", "b"]``) too."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]

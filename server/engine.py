@@ -26,6 +26,7 @@ from adapters_store.head import TaskHead, head_from_state
 from adapters_store.zeroshot import class_embeddings
 
 from .images import EvalTransforms, Transform
+from .metrics import Metrics
 from .patcher import FlatPatcher, PreparedResidual
 
 log = logging.getLogger("deltaclip.server")
@@ -51,8 +52,16 @@ class PreparedAdapter:
 
 
 class Engine:
-    def __init__(self, net: nn.Module, signature: BaseSignature, device: str, dtype: str) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        signature: BaseSignature,
+        device: str,
+        dtype: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.signature = signature
+        self.metrics = metrics
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.net = net.eval().to(self.device)
@@ -104,6 +113,8 @@ class Engine:
             if target is not None:
                 self.patcher.patch(target.residual)
                 self.swaps += 1
+                if self.metrics is not None:
+                    self.metrics.swaps.inc()
             self.current = target
             self._dirty = False
         except BaseException:

@@ -4,7 +4,8 @@ The server raises errors by meaning (:class:`NotReady`, :class:`ImageTooLarge`, 
 HTTP status in hand: :data:`RULES` is the one table from an exception type (the server's own, the
 store's, the framework's, a full disk) to its status and code, and :func:`error_response` is the
 one function that renders them, for the exception handlers and the body-limit middleware alike.
-docs/API.md lists the statuses and codes clients can rely on.
+:func:`documented` turns the same table into each route's OpenAPI error responses, and
+docs/API.md's table of statuses and codes is checked against it (tests/unit/test_error_table.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters_store import errors as store
+from deltaclip_api import ErrorBody
 
 log = logging.getLogger("deltaclip.server")
 
@@ -225,6 +228,51 @@ RULES: tuple[Rule, ...] = (
     Rule(OperationalError, 507, "insufficient_storage", disk_full, lambda _: _DISK_FULL_MESSAGE,
          {"Retry-After": "60"}, logging.ERROR),
 )  # fmt: skip
+
+
+# What the middlewares answer on any path before a route runs (server/middleware/).
+ANY_ROUTE: tuple[type[BaseException], ...] = (HeadersTooLarge, PayloadTooLarge, InvalidRequest)
+INTERNAL = ("internal", "a bug: the server logged it with its traceback")
+
+
+# What the framework's and the system's exceptions mean here (their docstrings say nothing).
+_MEANING: dict[type[BaseException], str] = {
+    RequestValidationError: "a parameter fails its declared rule (type, range, pattern)",
+    ClientDisconnect: "the client hung up before sending its whole body",
+    OSError: "the blob store is out of space; nothing was registered",
+    OperationalError: "the catalog database is out of space; nothing was registered",
+}
+
+
+def _meaning(kind: type[BaseException]) -> str:
+    doc = _MEANING.get(kind) or kind.__doc__ or kind.__name__
+    return doc.strip().splitlines()[0].rstrip(".")
+
+
+def documented(*kinds: type[BaseException]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route that raises ``kinds``: per status, the one error
+    model (:class:`~deltaclip_api.ErrorBody`) and the codes :data:`RULES` gives those kinds,
+    plus what every route can answer (:data:`ANY_ROUTE`, 500 ``internal``).
+
+    Raises:
+        LookupError: a kind no rule answers with a fixed status (it would be a 500).
+    """
+    codes: dict[int, dict[str, str]] = {}
+    for kind in (*kinds, *ANY_ROUTE):
+        rule = next((r for r in RULES if issubclass(kind, r.kind)), None)
+        if rule is None or rule.status is None:
+            raise LookupError(f"no rule of RULES gives {kind.__name__} a status")
+        code = rule.code if rule.code is not None else str(getattr(kind, "code", "error"))
+        found = codes.setdefault(rule.status, {})
+        found[code] = f"{found[code]}, or {_meaning(kind)}" if code in found else _meaning(kind)
+    codes[500] = dict([INTERNAL])
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": "; ".join(f"`{code}`: {what}" for code, what in found.items()),
+        }
+        for status, found in sorted(codes.items())
+    }
 
 
 def rule_for(exc: BaseException) -> Rule | None:

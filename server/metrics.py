@@ -1,8 +1,18 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+"""Prometheus metrics, one registry per app (so several apps can live in one test process).
+
+Each metric is moved where its event happens: responses here (:class:`ResponseMetricsMiddleware`),
+request latency in :mod:`server.service`, the queue and batches in :mod:`server.batcher`, swaps
+in :mod:`server.engine`, the cache in :mod:`server.cache`.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+UNROUTED = "unrouted"
+"""The ``route`` label of a response given before routing (a head or body over its limit) or
+for a path no route takes."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -19,7 +29,10 @@ class Metrics:
             registry=r,
         )
         self.responses = Counter(
-            "deltaclip_responses_total", "HTTP responses", ["route", "status"], registry=r
+            "deltaclip_responses_total",
+            "HTTP responses by route template (e.g. /adapters/{task}) and status",
+            ["route", "status"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "deltaclip_queue_depth", "Requests waiting for the worker", registry=r
@@ -49,3 +62,28 @@ class Metrics:
             "deltaclip_cold_load_seconds", "Store → prepared adapter (read, verify, validate, prepare)",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r,
         )  # fmt: skip
+
+
+class ResponseMetricsMiddleware:
+    """Count every HTTP response in ``deltaclip_responses_total`` by route template and status.
+
+    The template (not the path) keeps the label set bounded whatever paths clients send. Added
+    outermost, so answers given by the other middlewares (413, 431) are counted too.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or UNROUTED
+                self.metrics.responses.labels(route=route, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -46,9 +46,9 @@ class Serving:
 
 
 class Runtime:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         # Opening the registry checks the catalog schema: a catalog not at head stops start-up.
         self.registry = Registry.from_settings(settings)
         self.engine: Engine | None = None
@@ -87,7 +87,9 @@ class Runtime:
             t0 = time.perf_counter()
             net = await asyncio.to_thread(build_base, s.base_model, s.base_pretrained)
             sig = await asyncio.to_thread(signature_of, net, s.base_model, s.base_pretrained)
-            engine = await asyncio.to_thread(Engine, net, sig, s.resolved_device, s.dtype)
+            engine = await asyncio.to_thread(
+                Engine, net, sig, s.resolved_device, s.dtype, self.metrics
+            )
         except Exception as exc:
             # Clients learn that it failed; the detail (it may name files) goes to the log only.
             self.load_error = "the base model failed to load; see the server log"

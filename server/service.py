@@ -205,8 +205,8 @@ class Service:
         """Validate an uploaded adapter against the serving base and register it (idempotent)."""
         serving = self.runtime.require_ready()
         data, alias = await read()
-        register = partial(self.runtime.registry.register, weights=serving.cache.weights)
-        result = await asyncio.to_thread(register, data, serving.engine.signature, alias)
+        register = self.runtime.registry.register
+        result = await asyncio.to_thread(register, data, serving.cache.base, alias)
         rec = result.record
         log.info("registered %s v%d (%s) created=%s",
                  rec.task, rec.version, rec.digest[:12], result.created)  # fmt: skip

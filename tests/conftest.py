@@ -115,12 +115,12 @@ def server_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def client(server_settings):  # type: ignore[no-untyped-def]
-    """A ready TestClient over an app on the tiny base (lifespan run, base loaded)."""
-    from fastapi.testclient import TestClient
-
+    """A ready TestClient over an app on the tiny base (lifespan run, base loaded); every
+    answer it gets is validated against the app's OpenAPI document."""
     from server.main import create_app
+    from tests.openapi_check import checked_client
 
-    with TestClient(create_app(server_settings)) as c:
+    with checked_client(create_app(server_settings)) as c:
         wait_ready(c)
         yield c
 

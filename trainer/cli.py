@@ -305,8 +305,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate an adapter as served, or the base zero-shot; the report (with the PNG path)."""
     from .evaluate import evaluate_adapter, evaluate_zero_shot
+    from .execution import resolve_device
     from .plot import confusion_png
-    from .runtime import resolve_device
 
     settings = _settings(args)
     device = resolve_device(args.device, settings)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed import assert_replicas_identical
-from .run import Run
+from .run_state import Run
 
 
 def run_epoch(run: Run, batches: Iterator[Any], on_step: Callable[[int], None] | None) -> None:

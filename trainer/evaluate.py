@@ -19,11 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adapters_store.adapter import Adapter, merge_state
-from adapters_store.bases import build_base, signature_of
+from adapters_store.bases import build_base
 from adapters_store.config import StoreSettings
 from adapters_store.head import head_from_state
 from adapters_store.records import AdapterRecord
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.zeroshot import class_embeddings
 
 from .data import ImageDataset, labelled, scan_domain
@@ -129,9 +130,8 @@ def load_task_model(
     registry = Registry.from_settings(settings)
     try:
         record = registry.resolve(task, version, alias)
-        net = build_base(record.base_model, record.base_pretrained)
-        signature = signature_of(net, record.base_model, record.base_pretrained)
-        adapter = registry.load(record, signature)
+        net, base = ServingBase.build(record.base_model, record.base_pretrained)
+        adapter = registry.load(record, base)
     finally:
         registry.close()
     net.load_state_dict(merge_state(dict(net.state_dict()), adapter))

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from adapters_store.adapter import RESIDUAL_DTYPES, Adapter, build_adapter, merge_state
-from adapters_store.bases import BaseSignature
+from adapters_store.adapter import (
+    RESIDUAL_DTYPES,
+    Adapter,
+    AdapterInfo,
+    build_adapter,
+    merge_state,
+)
+from adapters_store.admission import admit
 from adapters_store.config import StoreSettings
 from adapters_store.errors import InvalidAdapter
-from adapters_store.format.codec import check_against_base, decode_adapter
 from adapters_store.registry import Registration, Registry
+from adapters_store.serving_base import ServingBase
 
 from .errors import ExactnessError, TrainError
 
@@ -27,16 +32,19 @@ from .errors import ExactnessError, TrainError
 def verified_adapter(
     base_state: Mapping[str, torch.Tensor],
     task_state: Mapping[str, torch.Tensor],
+    info: AdapterInfo,
     *,
-    signature: BaseSignature,
+    head_state: Mapping[str, torch.Tensor],
+    class_embeddings: torch.Tensor | None = None,
     residual_dtype: str = "float32",
-    **meta: Any,
+    block_size: int = 1,
 ) -> Adapter:
     """Build the adapter of ``task_state`` over ``base_state`` and check that it merges back exactly.
 
     Args:
         base_state, task_state: the tower's ``W0`` and ``W`` on CPU, keyed like the base.
-        meta: ``build_adapter``'s keyword arguments (task, class names, head state, ...).
+        info: the adapter's metadata (task, base, class names, domains, config, metrics).
+        head_state, class_embeddings: the task head and the teacher's class vectors.
 
     Raises:
         ExactnessError: ``merge_state(W0, adapter)`` differs from ``W`` somewhere (a tower that
@@ -45,12 +53,12 @@ def verified_adapter(
     adapter = build_adapter(
         base_state,
         task_state,
+        info,
+        head_state=head_state,
+        class_embeddings=class_embeddings,
         eligible=base_state,
-        base_model=signature.model,
-        base_pretrained=signature.pretrained,
-        base_fingerprint=signature.fingerprint,
         residual_dtype=RESIDUAL_DTYPES[residual_dtype],
-        **meta,
+        block_size=block_size,
     )
     merged = merge_state(base_state, adapter)
     wrong = {
@@ -109,29 +117,33 @@ def default_output(settings: StoreSettings, task: str, created_at: str) -> Path:
     return settings.home / "adapters" / f"{task}-{stamp}.safetensors"
 
 
-def check_written(path: Path, signature: BaseSignature, settings: StoreSettings) -> bytes:
-    """Validate a written adapter's bytes against the base exactly as the store will.
+def store_written(
+    path: Path, base: ServingBase, settings: StoreSettings, alias: str | None, register: bool
+) -> Registration | None:
+    """Check a written adapter exactly as the store does, against ``base`` (its weights too, so
+    ``merged-finite`` applies), and register it when asked: the file is decoded once.
 
-    The file is written first (``adapters_store.format.codec.write_adapter``) so that a run's result is
-    never lost, even when the store would refuse it (say, a density above the store's limit).
+    The file is written first (``adapters_store.format.codec.write_adapter``) so that a run's
+    result is never lost, even when the store refuses it (say, a density above its limit).
 
     Raises:
-        TrainError: the adapter breaks a rule of the store; the message names it and the file.
+        TrainError: the store refuses the file (the message names the rule and the file), or
+            registering it failed (the message says how to register it later).
     """
     data = path.read_bytes()
     try:
-        check_against_base(decode_adapter(data, settings.limits), signature, settings.limits)
+        if not register:
+            admit(data, base, settings.limits)
+            return None
+        registry = Registry.from_settings(settings)
+        try:
+            return registry.register(data, base, alias=alias)
+        finally:
+            registry.close()
     except InvalidAdapter as exc:
         raise TrainError(f"wrote {path}, but the store would refuse it: {exc}") from exc
-    return data
-
-
-def register(
-    data: bytes, signature: BaseSignature, settings: StoreSettings, alias: str | None
-) -> Registration:
-    """Register the adapter's bytes in the catalog (closing the registry, whatever happens)."""
-    registry = Registry.from_settings(settings)
-    try:
-        return registry.register(data, signature, alias=alias)
-    finally:
-        registry.close()
+    except Exception as exc:
+        raise TrainError(
+            f"wrote {path} but could not register it ({exc}); "
+            f"register it later with `deltaclip adapters register {path}`"
+        ) from exc

@@ -13,14 +13,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from adapters_store.adapter import Adapter, utc_now_iso
+from adapters_store.adapter import Adapter, AdapterInfo, utc_now_iso
 from adapters_store.format.codec import write_adapter
+from adapters_store.format.servable import StateWeights
 from adapters_store.registry import Registration
+from adapters_store.serving_base import ServingBase
 
 from .config import TrainConfig
-from .errors import TrainError
-from .export import check_written, default_output, register, snap, verified_adapter
-from .run import Run
+from .export import default_output, snap, store_written, verified_adapter
+from .run_state import Run
 
 # Versions recorded in the adapter's train_config, to tell how a stored adapter was made.
 RECORDED_PACKAGES = ("deltaclip", "torch", "open_clip_torch")
@@ -78,22 +79,28 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         "device": plan.device.type,
         "software": {p: version(p) for p in RECORDED_PACKAGES},
     }
-    adapter = verified_adapter(
-        session.base_state(),
-        session.tower_state(),
-        signature=run.signature,
-        residual_dtype=cfg.residual_dtype,
-        block_size=cfg.block_size,
+    sig = run.signature
+    info = AdapterInfo(
         task=cfg.task,
+        base_model=sig.model,
+        base_pretrained=sig.pretrained,
+        base_fingerprint=sig.fingerprint,
         class_names=plan.class_names,
-        head_state=session.head_state(),
-        class_embeddings=run.class_embeddings.cpu(),
         source_domain=cfg.source_domain,
         target_domain=cfg.target_domain,
         method=cfg.method_name,
         train_config=train_config,
         metrics=metrics,
         created_at=plan.options.created_at or utc_now_iso(),
+    )
+    adapter = verified_adapter(
+        session.base_state(),
+        session.tower_state(),
+        info,
+        head_state=session.head_state(),
+        class_embeddings=run.class_embeddings.cpu(),
+        residual_dtype=cfg.residual_dtype,
+        block_size=cfg.block_size,
     )
     return adapter, metrics
 
@@ -124,14 +131,7 @@ def write_and_register(run: Run, adapter: Adapter, metrics: dict[str, Any]) -> T
     write_adapter(adapter, out)
     if not options.keep_checkpoint:  # the run is over: its result is on disk
         plan.ckpt_path.unlink(missing_ok=True)
-    data = check_written(out, run.signature, settings)
-    registration = None
-    if options.register:
-        try:
-            registration = register(data, run.signature, settings, options.alias)
-        except Exception as exc:
-            raise TrainError(
-                f"wrote {out} but could not register it ({exc}); "
-                f"register it later with `deltaclip adapters register {out}`"
-            ) from exc
+    # The base as trained from (W0), with its weights: the store's every rule applies here too.
+    base = ServingBase(run.signature, StateWeights(run.session.base_state()))
+    registration = store_written(out, base, settings, options.alias, options.register)
     return TrainResult(out, metrics, cfg, run.log.path, registration)

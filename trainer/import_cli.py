@@ -16,17 +16,17 @@ from typing import Any, cast
 
 import torch
 
-from adapters_store.bases import build_base, signature_of
 from adapters_store.config import StoreSettings
 from adapters_store.format.codec import write_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 
 from .config import RESIDUAL_DTYPES
 from .errors import CheckpointRefused
 from .evaluate import folder_data, predictions
-from .export import check_written, default_output, register
+from .execution import resolve_device
+from .export import default_output, store_written
 from .import_finetune import Imported, ImportRequest, build_import
-from .runtime import resolve_device
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,21 +151,19 @@ def run_import(args: argparse.Namespace) -> dict[str, Any]:
         source_domain=args.source_domain,
         target_domain=args.target_domain, created_at=args.created_at,
     )  # fmt: skip
-    net = build_base(settings.base_model, settings.base_pretrained)
-    signature = signature_of(net, settings.base_model, settings.base_pretrained)
-    imported = build_import(request, net, signature)
+    net, base = ServingBase.build(settings.base_model, settings.base_pretrained)
+    imported = build_import(request, net, base.signature)
     out = args.output or default_output(settings, args.task, imported.adapter.meta.created_at)
     write_adapter(imported.adapter, out)
-    data = check_written(out, signature, settings)
     report: dict[str, Any] = {"task": args.task, "adapter_path": str(out), **imported.report}
     if args.eval_data is not None:  # before registering: a bad folder leaves the catalog alone
         device = resolve_device(args.device, settings)
         report["eval"] = compare_on_folder(
             imported, args.eval_data, device, args.batch_size, args.workers
         )
-    if not args.no_register:
-        rec = register(data, signature, settings, args.alias).record
-        report.update(version=rec.version, digest=rec.digest)
+    registration = store_written(out, base, settings, args.alias, not args.no_register)
+    if registration is not None:
+        report.update(version=registration.record.version, digest=registration.record.digest)
     return report
 
 

@@ -4,7 +4,7 @@ A user who fine-tuned the whole image tower elsewhere (any trainer, any method) 
 checkpoint; this keeps the ``⌊density × eligible⌋`` largest ``|W − W0|`` over the whole tower (the
 same global top-k as RST's density budget, :func:`trainer.rst.enforce_budget`) and writes a v1
 adapter through the trainer's own path (``export.snap`` → ``export.verified_adapter`` →
-``check_written`` → ``register``), so the file obeys every rule a trained adapter obeys.
+``store_written``), so the file obeys every rule a trained adapter obeys.
 
 Loading never runs code: ``.safetensors`` through safetensors, anything else through
 ``torch.load(..., weights_only=True)``, which refuses a pickle that names a class. The checkpoint
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters_store.adapter import Adapter, utc_now_iso
+from adapters_store.adapter import Adapter, AdapterInfo, utc_now_iso
 from adapters_store.bases import BaseSignature, tower_parameters
 from adapters_store.format.schema import BLOCK_SIZES
 from adapters_store.head import TaskHead
@@ -247,16 +247,12 @@ def build_import(request: ImportRequest, net: nn.Module, signature: BaseSignatur
     else:
         head, emb = base_zero_shot_head(net, signature, names, request.template)
     source = "file" if request.head_file is not None else "zero-shot"
-    adapter = verified_adapter(
-        base,
-        served,
-        signature=signature,
-        residual_dtype=request.residual_dtype,
-        block_size=request.block_size,
+    info = AdapterInfo(
         task=request.task,
+        base_model=signature.model,
+        base_pretrained=signature.pretrained,
+        base_fingerprint=signature.fingerprint,
         class_names=names,
-        head_state=head.state_dict(),
-        class_embeddings=emb,
         source_domain=request.source_domain,
         target_domain=request.target_domain,
         method="import-finetune",
@@ -275,6 +271,15 @@ def build_import(request: ImportRequest, net: nn.Module, signature: BaseSignatur
             "kept_weights": report["kept"],
         },
         created_at=request.created_at or utc_now_iso(),
+    )
+    adapter = verified_adapter(
+        base,
+        served,
+        info,
+        head_state=head.state_dict(),
+        class_embeddings=emb,
+        residual_dtype=request.residual_dtype,
+        block_size=request.block_size,
     )
     report.update(nnz=adapter.meta.nnz, density=adapter.meta.density, head=source)
     return Imported(adapter, report, net, signature, head, aligned.tower, served)

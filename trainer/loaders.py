@@ -4,7 +4,7 @@ Training batches come from :class:`InfiniteBatchSampler`, which makes the data o
 sample's augmentation a pure function of ``(seed, position in the stream)``: a run gives the same
 result with 0 or 2 loader processes, and a resumed run continues exactly where it stopped, with
 no sampler state to save. Source and target share one loader (one pool of processes), whose size
-defaults to ``min(2, cpus)``; ``trainer.runtime.thread_budget`` gives the compute the rest.
+defaults to ``min(2, cpus)``; ``trainer.execution.thread_budget`` gives the compute the rest.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ a verified v1 adapter and registers it. Every ``checkpoint_every`` steps and at 
 epoch it checkpoints, and ``resume`` continues to the very same adapter bytes as a run that never
 stopped.
 
-The stages live in their own modules: ``trainer.start`` (checks, model, data, resume),
+The stages live in their own modules: ``trainer.run_start`` (checks, model, data, resume),
 ``trainer.epoch`` (the steps of one epoch and its record), ``trainer.finish`` (served weights,
-evaluation, the adapter file and its registration); ``trainer.run`` holds the state they share.
+evaluation, the adapter file and its registration); ``trainer.run_state`` holds the state they share.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from adapters_store.config import StoreSettings
 from .config import RunOptions, TrainConfig
 from .distributed import barrier, shutdown
 from .epoch import run_epoch
+from .execution import deterministic, thread_budget
 from .finish import TrainResult, finish, write_and_register
-from .runtime import deterministic, thread_budget
-from .start import plan_run, start_run
+from .run_start import plan_run, start_run
 
 __all__ = ["TrainResult", "train"]
 

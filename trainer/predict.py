@@ -84,7 +84,7 @@ def local_rows(args: argparse.Namespace, settings: StoreSettings) -> Iterator[Ro
 
     from .data import load_rgb
     from .evaluate import load_task_model
-    from .runtime import resolve_device
+    from .execution import resolve_device
 
     model = load_task_model(settings, args.task, args.version, args.alias,
                             resolve_device(args.device, settings))  # fmt: skip
@@ -123,7 +123,7 @@ def remote_rows(args: argparse.Namespace) -> Iterator[Row]:
             try:
                 answer = client.predict(args.task, path.read_bytes(), version=version,
                                         top_k=args.top_k)  # fmt: skip
-                row.labels = [(x.label, x.score) for x in answer.labels[0]]
+                row.labels = [(x.label, x.score) for x in answer.predictions[0]]
             except OSError as exc:
                 row.error = f"unreadable file: {exc.strerror or exc}"
             except ApiError as exc:  # refused: this image's problem (the task resolved above)

@@ -19,10 +19,10 @@ from adapters_store.head import TaskHead
 
 from .config import TrainConfig
 from .evaluate import predictions, report
+from .execution import autocast
 from .losses import cmkd_loss, fixmatch_loss, source_only_loss
 from .model import CMKDModel, TextHead
 from .rst import ResidualSparsity
-from .runtime import autocast
 
 
 class Session:

@@ -51,6 +51,7 @@ RULES = (
     "head-shape",  # head tensors or class embeddings disagree with class_names / embedding size
     "unknown-parameter",  # a residual for a parameter the base's image tower lacks
     "fingerprint",  # trained against other base weights
+    "base-names",  # base_model / base_pretrained differ from those of the base its fingerprint is
 )
 
 
@@ -194,7 +195,8 @@ def read_adapter(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) 
 def check_against_base(
     adapter: Adapter, base: BaseSignature, limits: Limits = DEFAULT_LIMITS
 ) -> None:
-    """The rules that need the base: fingerprint, parameter names, index ranges, sizes.
+    """The rules that need the base: fingerprint, the base's names, parameter names, index
+    ranges, sizes.
 
     Raises:
         IncompatibleBase: the adapter was trained against other weights.
@@ -205,6 +207,13 @@ def check_against_base(
         raise IncompatibleBase(
             f"adapter was trained against base {meta.base_model}/{meta.base_pretrained} with fingerprint "
             f"{meta.base_fingerprint[:12]}…, this base ({base.model}/{base.pretrained}) is {base.fingerprint[:12]}…"
+        )
+    if (meta.base_model, meta.base_pretrained) != (base.model, base.pretrained):
+        raise bad(
+            "base-names",
+            f"the file names base {show(meta.base_model)} / {show(meta.base_pretrained)}, but its "
+            f"fingerprint is this base's, {base.model}/{base.pretrained}: write the adapter with "
+            "the names of the base it was trained on",
         )
     if meta.head["dim"] != base.embed_dim:
         raise bad(

@@ -5,10 +5,13 @@ one field of :class:`AdapterMeta`, and the field carries everything the store ne
 it: its :class:`Kind` (how the value is written as a string and parsed back), a validator, a
 description and the catalog column that keeps it. Decoding (:func:`decode_meta`), encoding
 (:func:`encode_meta`), the catalog row (:func:`catalog_values`), the registry's record (a subclass
-of :class:`AdapterMeta`) and the HTTP API's response models all read this one declaration, so a
-new field is one line here, plus a migration when the catalog keeps it in a column.
+of :class:`AdapterMeta`) and the HTTP API's response models all read this one declaration. A new
+field is one line here; a field the producer gives also joins
+:class:`~adapters_store.adapter.AdapterInfo`; one the catalog keeps in a column also needs that
+column (``adapters_store/models.py``) and a migration; and docs/FORMAT.md §3 lists every key.
 
-Torch-free on purpose: the CLI and the catalog read metadata without loading torch.
+Torch-free on purpose (tests/unit/test_codec.py checks it): the CLI and the catalog read metadata
+without loading torch.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from ..errors import AdminDisabled, Unauthorized
 from ..runtime import Runtime
 from ..service import Service
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9._~+/-]+=*)")
 
 

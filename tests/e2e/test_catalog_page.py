@@ -12,22 +12,6 @@ from tests.conftest import ADMIN_TOKEN
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture
-def browser():  # type: ignore[no-untyped-def]
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-
-
 def test_catalog_lists_adapters_and_renders_the_layer_chart(
     live_server: str, browser, tiny
 ) -> None:  # type: ignore[no-untyped-def]

@@ -78,24 +78,27 @@ def test_every_call_against_a_live_server(admin: Client, tiny, tmp_path: Path) -
     image.write_bytes(png_bytes(0))
     answer = admin.predict("cli-t", image, png_bytes(1), top_k=2)
     assert (answer.task, answer.version, answer.digest) == ("cli-t", 1, one.digest)
-    assert len(answer.labels) == 2 and all(len(row) == 2 for row in answer.labels)
+    assert len(answer.predictions) == 2 and all(len(row) == 2 for row in answer.predictions)
     assert all(
-        label.label in CLASSES and 0 <= label.score <= 1 for row in answer.labels for label in row
+        label.label in CLASSES and 0 <= label.score <= 1
+        for row in answer.predictions
+        for label in row
     )
     assert admin.predict("cli-t", image, version=2).version == 2
     same = admin.predict("cli-t", png_bytes(0), top_k=2)
-    assert same.labels[0] == answer.labels[0]  # a path and its bytes: the same answer
+    assert same.predictions[0] == answer.predictions[0]  # a path and its bytes: the same answer
 
     admin.set_alias("cli-t", "production", 2)
     assert admin.predict("cli-t", image).version == 2
     admin.remove_alias("cli-t", "production")
     assert admin.task("cli-t")["aliases"] == {}
-    assert admin.delete("cli-t", 2) == {"task": "cli-t", "version": 2, "digest": two.digest}
+    deleted = admin.delete("cli-t", 2)
+    assert (deleted.task, deleted.version, deleted.digest) == ("cli-t", 2, two.digest)
     assert admin.predict("cli-t", image).version == 1  # the newest left
 
     shot = admin.zero_shot(["a cat", "a dog", "a car"], image, top_k=3)
-    assert {x.label for x in shot.labels[0]} == {"a cat", "a dog", "a car"}
-    assert shot.base_fingerprint == admin.wait_ready()["fingerprint"]
+    assert {x.label for x in shot.predictions[0]} == {"a cat", "a dog", "a car"}
+    assert shot.base.fingerprint == admin.wait_ready().fingerprint
 
 
 def test_errors_carry_the_servers_code_and_message(
@@ -153,7 +156,7 @@ def test_a_503_is_retried_after_its_retry_after(tiny, tmp_path: Path) -> None:  
             started = time.monotonic()
             answer = patient.predict("busy", png_bytes(1))
             took = time.monotonic() - started
-        assert answer.task == "busy" and len(answer.labels) == 1
+        assert answer.task == "busy" and len(answer.predictions) == 1
         assert waits == [("overloaded", 4.0)] and took >= 4.0
         first.join(30)
     finally:

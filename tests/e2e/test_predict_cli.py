@@ -20,6 +20,7 @@ from adapters_store.catalog import upgrade
 from adapters_store.config import StoreSettings
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 from deltaclip_client import Client
 from tests.conftest import png_bytes
@@ -51,7 +52,9 @@ def served(
         for seed in (1, 2):
             adapter = random_adapter(*tiny, "shapes", class_names=CLASSES, seed=seed)
             reg.register(
-                encode_adapter(adapter), tiny[1], alias="production" if seed == 1 else None
+                encode_adapter(adapter),
+                ServingBase.of(*tiny),
+                alias="production" if seed == 1 else None,
             )
     finally:
         reg.close()
@@ -110,7 +113,7 @@ def test_predict_in_process_and_through_the_server(served, folder: Path, tmp_pat
     with Client(srv.url) as client:
         for name in GOOD:
             asked = client.predict("shapes", folder / name, top_k=2)  # the server's own answer
-            expected = [(x.label, x.score) for x in asked.labels[0]]
+            expected = [(x.label, x.score) for x in asked.predictions[0]]
             row, served_row = local[name], remote[name]
             assert (row["task"], row["version"], row["error"]) == ("shapes", "1", "")
             assert (served_row["task"], served_row["version"], served_row["error"]) == (

@@ -8,13 +8,16 @@ script is run from a folder outside the checkout.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,22 +26,35 @@ from adapters_store.catalog import head_revision
 from tests.conftest import checkout_files
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE_PACKAGES = ("adapters_store", "deltaclip_demo", "server", "trainer")
+SOURCE_PACKAGES = (
+    "adapters_store",
+    "deltaclip_api",
+    "deltaclip_client",
+    "deltaclip_demo",
+    "server",
+    "trainer",
+)
 
 
-def build_wheel(dest: Path) -> Path:
-    """Build from a copy, so stale ``build/`` leftovers of the checkout cannot leak in."""
+def build_wheel(dest: Path, files: dict[str, str] | None = None) -> Path:
+    """Build from a copy, so stale ``build/`` leftovers of the checkout cannot leak in.
+
+    Args:
+        files: checkout path → path in the copy; default: every checkout file, in place.
+    """
     src = dest / "src"
-    for name in checkout_files():
-        target = src / name
+    chosen = files if files is not None else {name: name for name in checkout_files()}
+    for name, placed in chosen.items():
+        target = src / placed
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
     wheels = dest / "wheels"
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
          "--no-index", "-w", str(wheels), str(src)],
-        check=True, capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = wheels.glob("deltaclip-*.whl")
     return wheel
 
@@ -81,6 +97,71 @@ def test_pyproject_lists_every_package_of_the_checkout() -> None:
     assert found - listed == set(), "add these packages to pyproject.toml [tool.setuptools]"
     assert config["package-dir"]["adapters_store.migrations"] == "alembic"
     assert (ROOT / "alembic" / "env.py").is_file()
+
+
+def dockerignored(name: str, patterns: list[str]) -> bool:
+    """Whether ``.dockerignore`` excludes the checkout path ``name`` (or a folder above it).
+
+    The patterns this repository uses: a name or glob from the context root, and ``**/`` for any
+    depth. Exceptions (``!``) are not used, and refused so that this reading stays complete.
+    """
+    parts = name.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        assert not pattern.startswith("!"), (
+            f".dockerignore exception {pattern!r}: extend this reader"
+        )
+        anywhere = pattern.removeprefix("**/")
+        for prefix in prefixes:
+            tail = prefix.rsplit("/", 1)[-1]
+            if fnmatch.fnmatchcase(prefix, pattern) or (
+                anywhere != pattern and fnmatch.fnmatchcase(tail, anywhere)
+            ):
+                return True
+    return False
+
+
+def docker_build_files() -> dict[str, str]:
+    """Checkout path → path in the image's source folder, for every file the Dockerfile's
+    ``COPY`` instructions bring into the build (``.dockerignore`` applied)."""
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    files = [name for name in checkout_files() if not dockerignored(name, ignore)]
+    chosen: dict[str, str] = {}
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if not line.upper().startswith("COPY "):
+            continue
+        words = shlex.split(line)
+        assert not any(w.startswith("--") for w in words), f"unsupported COPY flags: {line}"
+        *sources, dest = words[1:]
+        dest = os.path.normpath(dest)
+        for source in sources:
+            source = os.path.normpath(source)
+            if source in files:  # a file: into the destination folder
+                chosen[source] = os.path.normpath(os.path.join(dest, Path(source).name))
+                continue
+            under = [n for n in files if source == "." or n.startswith(source + "/")]
+            assert under, f"Dockerfile copies {source!r}, which the checkout does not have"
+            for name in under:
+                inner = name if source == "." else name[len(source) + 1 :]
+                chosen[name] = os.path.normpath(os.path.join(dest, inner))
+    return chosen
+
+
+@pytest.mark.slow
+def test_a_wheel_builds_from_exactly_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    """The image runs ``pip install .`` on its copied files: a package pyproject.toml lists but
+    the Dockerfile does not copy stops the build ("package directory ... does not exist")."""
+    files = docker_build_files()
+    assert "pyproject.toml" in files and "server/main.py" in files, sorted(files)[:20]
+    wheel = build_wheel(tmp_path, files)
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {name.split("/")[0] for name in zf.namelist() if name.endswith(".py")}
+    assert set(SOURCE_PACKAGES) <= tops, tops
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from adapters_store.catalog import (
 from adapters_store.errors import SchemaOutOfDate
 from adapters_store.models import Base
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 
 
 def test_migrations_have_one_head() -> None:
@@ -51,7 +52,9 @@ def test_upgrade_downgrade_upgrade_populated(registry: Registry, tiny, db_url: s
 
     net, sig = tiny
     registry.register(
-        encode_adapter(random_adapter(net, sig, "populated", seed=1)), sig, alias="production"
+        encode_adapter(random_adapter(net, sig, "populated", seed=1)),
+        ServingBase.of(net, sig),
+        alias="production",
     )
     registry.close()
     # Downgrading one step from the only revision empties the schema; upgrading restores it.
@@ -59,7 +62,9 @@ def test_upgrade_downgrade_upgrade_populated(registry: Registry, tiny, db_url: s
     upgrade(db_url)
     reg = Registry(Catalog(db_url), registry.blobs)
     assert reg.list().total == 0
-    reg.register(encode_adapter(random_adapter(net, sig, "populated", seed=2)), sig)
+    reg.register(
+        encode_adapter(random_adapter(net, sig, "populated", seed=2)), ServingBase.of(net, sig)
+    )
     assert [r.version for r in reg.versions("populated")] == [1]
     reg.close()
 

@@ -13,6 +13,7 @@ from adapters_store.dbblobs import DatabaseBlobStore
 from adapters_store.errors import BlobNotFound
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 
 
@@ -29,7 +30,7 @@ def test_postgres_defaults_to_database_blobs_shared_across_hosts(
     a, b = _replica(pg_url, tmp_path / "host-a"), _replica(pg_url, tmp_path / "host-b")
     assert isinstance(a.blobs, DatabaseBlobStore)
     data = encode_adapter(random_adapter(*tiny, "shared"))
-    rec = a.register(data, tiny[1]).record
+    rec = a.register(data, ServingBase.of(*tiny)).record
     assert not (tmp_path / "host-b" / "blobs").exists()  # nothing on host b's disk yet
     assert b.read_bytes(b.resolve("shared")) == data  # fetched from the database, verified
     assert b.blobs.path_for(rec.digest).read_bytes() == data  # and cached locally by digest
@@ -50,9 +51,58 @@ def test_database_backend_also_works_on_sqlite(tmp_path: Path, tiny) -> None:  #
     upgrade(url)
     reg = _replica(url, tmp_path / "home", backend="database")
     data = encode_adapter(random_adapter(*tiny, "t"))
-    rec = reg.register(data, tiny[1]).record
-    assert reg.register(data, tiny[1]).record.version == rec.version == 1
+    rec = reg.register(data, ServingBase.of(*tiny)).record
+    assert reg.register(data, ServingBase.of(*tiny)).record.version == rec.version == 1
     assert list(reg.blobs.digests()) == [rec.digest]
     reg.blobs.cache.delete(rec.digest)
-    assert reg.load(rec).meta.task == "t"
+    assert reg.load(rec, ServingBase.of(*tiny)).meta.task == "t"
+    reg.close()
+
+
+@pytest.mark.parametrize("backend", ["database", "filesystem"])
+def test_registered_bytes_are_hashed_once_and_never_sent_twice(
+    tmp_path: Path, tiny, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Registration hashes the file once (the blob store trusts that digest), and registering
+    bytes the database already holds does not send them to it again."""
+    from sqlalchemy import event
+
+    from adapters_store import blobs, registry
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    reg = _replica(url, tmp_path / "home", backend=backend)
+    data = encode_adapter(random_adapter(*tiny, "t"))
+    base = ServingBase.of(*tiny)
+    hashed: list[int] = []
+
+    def counting(payload: bytes | memoryview) -> str:
+        hashed.append(len(payload))
+        return real(payload)
+
+    real = blobs.sha256_hex
+    monkeypatch.setattr(blobs, "sha256_hex", counting)
+    monkeypatch.setattr(registry, "sha256_hex", counting)
+    sent: list[int] = []
+
+    def record_sent(conn, cursor, statement, parameters, context, many) -> None:  # type: ignore[no-untyped-def]
+        rows = parameters if many else [parameters]
+        flat = [v for row in rows for v in (row.values() if isinstance(row, dict) else row)]
+        sent.extend(len(v) for v in flat if isinstance(v, bytes | memoryview) and bytes(v) == data)
+
+    engines = {reg.catalog.write_engine, reg.catalog.read_engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record_sent)
+    try:
+        assert reg.register(data, base).created
+        assert hashed == [len(data)], "the incoming bytes are hashed once"
+        assert sent == ([len(data)] if backend == "database" else [])
+        hashed.clear()
+        assert not reg.register(data, base, alias="production").created
+        assert hashed == [len(data)]
+        assert sent == ([len(data)] if backend == "database" else []), "not sent again"
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record_sent)
+    assert reg.read_bytes(reg.resolve("t", alias="production")) == data
     reg.close()

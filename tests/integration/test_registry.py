@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
 import torch
 
+from adapters_store.blobs import sha256_hex
 from adapters_store.errors import (
     AdapterNotFound,
     ChecksumMismatch,
@@ -16,6 +18,7 @@ from adapters_store.errors import (
 )
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 
 
@@ -26,7 +29,7 @@ def _file(tiny, task: str, seed: int = 0, **kw) -> bytes:  # type: ignore[no-unt
 
 def test_register_then_list_and_show(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
     data = _file(tiny, "real2sketch")
-    result = registry.register(data, tiny[1])
+    result = registry.register(data, ServingBase.of(*tiny))
     assert result.created
     rec = result.record
     assert (rec.task, rec.version, rec.size_bytes) == ("real2sketch", 1, len(data))
@@ -40,8 +43,8 @@ def test_register_then_list_and_show(registry: Registry, tiny) -> None:  # type:
 
 def test_same_bytes_twice_is_one_version(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
     data = _file(tiny, "t")
-    first = registry.register(data, tiny[1])
-    second = registry.register(data, tiny[1])
+    first = registry.register(data, ServingBase.of(*tiny))
+    second = registry.register(data, ServingBase.of(*tiny))
     assert first.created and not second.created
     assert second.record.version == first.record.version == 1
     assert registry.list(task="t").total == 1
@@ -49,7 +52,7 @@ def test_same_bytes_twice_is_one_version(registry: Registry, tiny) -> None:  # t
 
 def test_versions_aliases_and_resolution(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
     for seed in range(3):
-        registry.register(_file(tiny, "t", seed), tiny[1])
+        registry.register(_file(tiny, "t", seed), ServingBase.of(*tiny))
     assert registry.resolve("t").version == 3  # newest without a production alias
     registry.set_alias("t", "production", 2)
     assert registry.resolve("t").version == 2
@@ -69,26 +72,26 @@ def test_versions_aliases_and_resolution(registry: Registry, tiny) -> None:  # t
 
 
 def test_register_with_alias(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    rec = registry.register(_file(tiny, "t"), tiny[1], alias="production").record
+    rec = registry.register(_file(tiny, "t"), ServingBase.of(*tiny), alias="production").record
     assert rec.aliases == ["production"]
 
 
 def test_delete_is_hard_and_versions_are_never_reused(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    registry.register(_file(tiny, "t", 0), tiny[1], alias="production")
-    registry.register(_file(tiny, "t", 1), tiny[1])
+    registry.register(_file(tiny, "t", 0), ServingBase.of(*tiny), alias="production")
+    registry.register(_file(tiny, "t", 1), ServingBase.of(*tiny))
     registry.delete("t", 1)
     with pytest.raises(AdapterNotFound):
         registry.get("t", 1)
     assert registry.aliases("t") == {}
     assert registry.resolve("t").version == 2
-    assert registry.register(_file(tiny, "t", 2), tiny[1]).record.version == 3
+    assert registry.register(_file(tiny, "t", 2), ServingBase.of(*tiny)).record.version == 3
     with pytest.raises(AdapterNotFound):
         registry.delete("t", 1)
 
 
 def test_list_filters_and_pagination(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
     for i in range(5):
-        registry.register(_file(tiny, f"task{i % 2}", i), tiny[1])
+        registry.register(_file(tiny, f"task{i % 2}", i), ServingBase.of(*tiny))
     assert registry.list(task="task0").total == 3
     assert registry.list(base="deltaclip-tiny").total == 5
     assert registry.list(base=tiny[1].fingerprint).total == 5
@@ -104,10 +107,19 @@ def test_list_filters_and_pagination(registry: Registry, tiny) -> None:  # type:
 
 def test_invalid_files_leave_nothing_behind(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidAdapter):
-        registry.register(b"not an adapter", tiny[1])
+        registry.register(b"not an adapter", ServingBase.of(*tiny))
     other = tiny[1].__class__(**{**tiny[1].__dict__, "fingerprint": "0" * 64})
     with pytest.raises(IncompatibleBase):
-        registry.register(_file(tiny, "t"), other)
+        registry.register(_file(tiny, "t"), ServingBase(other, ServingBase.of(*tiny).weights))
+    adapter = random_adapter(*tiny, "t")
+    misnamed = dataclasses.replace(
+        adapter, meta=dataclasses.replace(adapter.meta, base_model="no-such-model")
+    )
+    with pytest.raises(
+        InvalidAdapter
+    ) as refused:  # the right fingerprint under another base's name
+        registry.register(encode_adapter(misnamed), ServingBase.of(*tiny))
+    assert refused.value.rule == "base-names"
     assert registry.list().total == 0
     assert list(registry.blobs.digests()) == []
 
@@ -133,10 +145,10 @@ def corrupt(registry: Registry, digest: str) -> None:
 
 
 def test_corrupted_blob_is_detected_on_read(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    rec = registry.register(_file(tiny, "t"), tiny[1]).record
+    rec = registry.register(_file(tiny, "t"), ServingBase.of(*tiny)).record
     corrupt(registry, rec.digest)
     with pytest.raises(ChecksumMismatch):
-        registry.load(rec)
+        registry.load(rec, ServingBase.of(*tiny))
     report = registry.fsck()
     assert report.corrupt_blobs == [rec.digest] and not report.clean
     registry.fsck(repair=True, grace_seconds=0)
@@ -145,7 +157,7 @@ def test_corrupted_blob_is_detected_on_read(registry: Registry, tiny) -> None:  
 
 
 def test_gc_and_fsck_find_orphans(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    rec = registry.register(_file(tiny, "t"), tiny[1]).record
+    rec = registry.register(_file(tiny, "t"), ServingBase.of(*tiny)).record
     orphan = registry.blobs.put(b"left by a crash between blob and row")
     (registry.blobs.path_for(orphan).parent / ".tmp-abc").write_bytes(b"half")
     report = registry.fsck()
@@ -161,26 +173,34 @@ def test_gc_and_fsck_find_orphans(registry: Registry, tiny) -> None:  # type: ig
 
 def test_dangling_row_is_reported(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
     data = _file(tiny, "t")
-    rec = registry.register(data, tiny[1]).record
+    rec = registry.register(data, ServingBase.of(*tiny)).record
     registry.blobs.delete(rec.digest)
     assert registry.fsck().dangling_rows == [("t", 1, rec.digest)]
     # Registering the same bytes again restores the missing blob.
-    assert not registry.register(data, tiny[1]).created
+    assert not registry.register(data, ServingBase.of(*tiny)).created
     assert registry.fsck().clean
 
 
 def test_merged_state_reproduces_the_task_model(registry: Registry, tiny) -> None:  # type: ignore[no-untyped-def]
-    from adapters_store.adapter import build_adapter
+    from adapters_store.adapter import AdapterInfo, build_adapter
     from adapters_store.head import TaskHead
     from adapters_store.synthetic import random_task_state
 
     net, sig = tiny
     base, task_state = random_task_state(net, 0.01, seed=5)
     adapter = build_adapter(
-        base, task_state, task="exact", base_model=sig.model, base_pretrained=sig.pretrained,
-        base_fingerprint=sig.fingerprint, class_names=["a", "b"], head_state=TaskHead(sig.embed_dim, 2).state_dict(),
-    )  # fmt: skip
-    rec = registry.register(encode_adapter(adapter), sig).record
+        base,
+        task_state,
+        AdapterInfo(
+            task="exact",
+            base_model=sig.model,
+            base_pretrained=sig.pretrained,
+            base_fingerprint=sig.fingerprint,
+            class_names=["a", "b"],
+        ),
+        head_state=TaskHead(sig.embed_dim, 2).state_dict(),
+    )
+    rec = registry.register(encode_adapter(adapter), ServingBase.of(net, sig)).record
     merged = registry.merged_state(rec, net, sig)
     for key, value in task_state.items():
         assert torch.equal(merged[key], value), key
@@ -196,7 +216,7 @@ def test_sixteen_threads_get_versions_1_to_16(registry: Registry, tiny) -> None:
     def work(data: bytes) -> None:
         try:
             barrier.wait()
-            versions.append(registry.register(data, tiny[1]).record.version)
+            versions.append(registry.register(data, ServingBase.of(*tiny)).record.version)
         except BaseException as exc:
             errors.append(exc)
 
@@ -216,7 +236,7 @@ def test_concurrent_identical_registrations_yield_one_version(registry: Registry
 
     def work() -> None:
         barrier.wait()
-        results.append(registry.register(data, tiny[1]))
+        results.append(registry.register(data, ServingBase.of(*tiny)))
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
@@ -246,8 +266,8 @@ def test_resolve_is_one_snapshot_under_a_concurrent_move_and_delete(
     began), never a 404 for a version it was just pointed at (issue 24)."""
     from sqlalchemy import event
 
-    registry.register(_file(tiny, "t", 1), tiny[1])
-    registry.register(_file(tiny, "t", 2), tiny[1])
+    registry.register(_file(tiny, "t", 1), ServingBase.of(*tiny))
+    registry.register(_file(tiny, "t", 2), ServingBase.of(*tiny))
     registry.set_alias("t", "production", 1)
     other = Registry.from_settings(settings)  # the other replica: its own engine and connections
     resolving = threading.get_ident()
@@ -283,3 +303,44 @@ def test_resolve_is_one_snapshot_under_a_concurrent_move_and_delete(
     assert registry.resolve("t", alias=alias).version == 2  # and afterwards the move is seen
     with pytest.raises(AdapterNotFound):
         registry.get("t", 1)
+
+
+def test_a_failure_between_the_version_and_its_alias_leaves_neither(
+    registry: Registry, tiny
+) -> None:  # type: ignore[no-untyped-def]
+    """Base row, task counter, version and alias are one transaction: a failure injected after
+    the version row is written and before the alias is leaves the catalog as it was."""
+    from sqlalchemy import event, func, select
+
+    from adapters_store.models import AdapterRow, AliasRow, BaseModelRow, TaskRow
+
+    class Injected(RuntimeError):
+        pass
+
+    inserted: list[str] = []
+
+    def version_written(mapper, connection, target) -> None:  # type: ignore[no-untyped-def]
+        inserted.append(target.task)
+
+    def fail_before_the_alias(mapper, connection, target) -> None:  # type: ignore[no-untyped-def]
+        assert inserted == ["atomic"], "the version row is written before the alias"
+        raise Injected("crash between the version and its alias")
+
+    data = _file(tiny, "atomic")
+    event.listen(AdapterRow, "after_insert", version_written)
+    event.listen(AliasRow, "before_insert", fail_before_the_alias)
+    try:
+        with pytest.raises(Injected):
+            registry.register(data, ServingBase.of(*tiny), alias="production")
+    finally:
+        event.remove(AliasRow, "before_insert", fail_before_the_alias)
+        event.remove(AdapterRow, "after_insert", version_written)
+    assert inserted == ["atomic"]
+    with registry.catalog.read() as s:
+        counts = [s.execute(select(func.count()).select_from(t)).scalar_one()
+                  for t in (AdapterRow, AliasRow, TaskRow, BaseModelRow)]  # fmt: skip
+    assert counts == [0, 0, 0, 0], "nothing of the failed registration is in the catalog"
+    assert registry.find_by_digest(sha256_hex(data)) is None
+
+    result = registry.register(data, ServingBase.of(*tiny), alias="production")
+    assert result.created and (result.record.version, result.record.aliases) == (1, ["production"])

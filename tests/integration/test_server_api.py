@@ -1,10 +1,12 @@
-"""The HTTP API end to end on the tiny base: answers equal the exported merged models."""
+"""The HTTP API end to end on the tiny base: answers equal the exported merged models, and
+every answer matches the OpenAPI document (tests/conftest.py ``checked_client``)."""
 
 from __future__ import annotations
 
 import copy
 import io
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,8 +23,18 @@ from adapters_store.synthetic import random_adapter
 from adapters_store.transforms import adapter_image_size, eval_transform_for
 from server.main import create_app
 from tests.conftest import ADMIN_TOKEN, app_routes, png_bytes, wait_ready
+from tests.openapi_check import OPENAPI_CHECKED, check_against_openapi, checked_client
 
 NON_MUTATING_POSTS = {"/predict", "/predict/zero-shot"}
+MODULE = "tests/integration/test_server_api.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def every_answer_was_checked() -> Iterator[None]:
+    """The OpenAPI check ran: this module's answers arrived at it (not 0 of 0)."""
+    before = OPENAPI_CHECKED.get(MODULE, 0)
+    yield
+    assert OPENAPI_CHECKED.get(MODULE, 0) > before, "no answer was checked against the document"
 
 
 def register(client: TestClient, admin: dict[str, str], data: bytes, **form: str) -> dict[str, Any]:
@@ -147,7 +159,7 @@ def test_200_concurrent_requests_over_5_tasks_with_a_one_adapter_cache(
     one = (sig.eligible_params * 0.05) * 16 * 1.5  # room for one prepared adapter, not two
     settings = server_settings.model_copy(update={"cache_bytes": int(one), "max_batch": 8})
     images = [png_bytes(100 + i) for i in range(4)]
-    with TestClient(create_app(settings)) as c:
+    with checked_client(create_app(settings)) as c:
         wait_ready(c)
         for data in datas:
             register(c, admin, data)
@@ -202,7 +214,7 @@ def test_every_mutating_route_requires_the_admin_token(client, server_settings, 
 
 def test_admin_api_is_off_without_a_token(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
     settings = server_settings.model_copy(update={"admin_token": None})
-    with TestClient(create_app(settings)) as c:
+    with checked_client(create_app(settings)) as c:
         wait_ready(c)
         r = c.post("/admin/adapters", files={"file": ("a", encode_adapter(random_adapter(*tiny, "t")))},
                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
@@ -274,7 +286,7 @@ def test_zero_shot_uses_the_text_head(client) -> None:  # type: ignore[no-untype
 
 def test_not_ready_until_the_base_loads(server_settings) -> None:  # type: ignore[no-untyped-def]
     settings = server_settings.model_copy(update={"base_pretrained": "/nonexistent/weights.pt"})
-    with TestClient(create_app(settings)) as c:
+    with checked_client(create_app(settings)) as c:
         r = c.get("/readyz")
         assert r.status_code == 503  # 503 while loading, and it stays 503 once loading failed
         deadline = time.monotonic() + 30
@@ -294,14 +306,14 @@ def test_refuses_to_start_on_a_catalog_not_at_head(server_settings, tmp_path) ->
     )
     with (
         pytest.raises(SchemaOutOfDate, match="deltaclip db upgrade"),
-        TestClient(create_app(settings)),
+        checked_client(create_app(settings)),
     ):
         pass
 
 
 def test_body_limit_is_413(server_settings, tiny) -> None:  # type: ignore[no-untyped-def]
     settings = server_settings.model_copy(update={"max_request_bytes": 1000})
-    with TestClient(create_app(settings)) as c:
+    with checked_client(create_app(settings)) as c:
         wait_ready(c)
         register(
             c,
@@ -331,7 +343,7 @@ def test_backpressure_503_and_timeout_504(server_settings, tiny, admin) -> None:
     )
     started, release = threading.Event(), threading.Event()
     app = create_app(settings)
-    with TestClient(app) as c:
+    with checked_client(app) as c:
         wait_ready(c)
         register(c, admin, encode_adapter(random_adapter(*tiny, "t")))
         runtime = app.state.runtime
@@ -369,7 +381,7 @@ def test_a_request_has_a_pixel_budget(server_settings, tiny, admin) -> None:  # 
     settings = server_settings.model_copy(
         update={"max_request_pixels": 3000}
     )  # one 48x40 image fits
-    with TestClient(create_app(settings)) as c:
+    with checked_client(create_app(settings)) as c:
         wait_ready(c)
         register(c, admin, encode_adapter(random_adapter(*tiny, "t")))
         one = [("file", ("a.png", png_bytes(0), "image/png"))]
@@ -378,3 +390,51 @@ def test_a_request_has_a_pixel_budget(server_settings, tiny, admin) -> None:  # 
         assert (
             r.status_code == 413 and "together exceed 3,000 pixels" in r.json()["error"]["message"]
         )
+
+
+def test_more_files_than_max_images_is_413_too_many_images(server_settings, admin, tiny) -> None:  # type: ignore[no-untyped-def]
+    settings = server_settings.model_copy(update={"max_images": 3})
+    with checked_client(create_app(settings)) as c:
+        wait_ready(c)
+        register(c, admin, encode_adapter(random_adapter(*tiny, "t")))
+        files = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(20)]
+        r = c.post("/predict?task=t", files=files[:3])
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3, r.text
+        for n in (4, 20):
+            r = c.post("/predict?task=t", files=files[:n])
+            assert r.status_code == 413, (n, r.text)
+            assert r.json()["error"] == {
+                "code": "too_many_images",
+                "message": "at most 3 images per request",
+            }
+        r = c.post("/predict/zero-shot?labels=cat,dog", files=files[:4])
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "too_many_images")
+        adapter = ("a.safetensors", encode_adapter(random_adapter(*tiny, "u")))
+        r = c.post("/admin/adapters", files=[("file", adapter)] * 2, headers=admin)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), r.text
+        assert "exactly one adapter file" in r.json()["error"]["message"]
+        fields = [("note", (None, "x")) for _ in range(40)]
+        r = c.post("/predict?task=t", files=[files[0], *fields])
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request"), r.text
+        assert "Too many fields" in r.json()["error"]["message"]
+
+
+def test_the_openapi_check_refuses_answers_the_document_does_not_declare(client) -> None:  # type: ignore[no-untyped-def]
+    """The check above can fail: a body missing a field, an undeclared status, a foreign shape."""
+    import httpx
+
+    request = httpx.Request("POST", "http://testserver/predict?task=t")
+    good = {
+        "task": "t",
+        "version": 1,
+        "digest": "d",
+        "predictions": [[{"label": "a", "score": 0.5}]],
+    }
+    check_against_openapi(client.app, httpx.Response(200, json=good, request=request))
+    for status, body in [
+        (200, {k: v for k, v in good.items() if k != "digest"}),
+        (418, {"error": {"code": "teapot", "message": "no"}}),
+        (404, {"detail": "Not Found"}),
+    ]:
+        with pytest.raises(Exception, match=r"(?i)invalid|unknown|not found|missing|required"):
+            check_against_openapi(client.app, httpx.Response(status, json=body, request=request))

@@ -48,11 +48,11 @@ def test_a_slow_cold_load_does_not_stall_other_tasks(server_settings, tiny) -> N
         original = runtime.registry.load
         loading, gate = threading.Event(), threading.Event()
 
-        def slow_load(record, base=None, weights=None):  # type: ignore[no-untyped-def]
+        def slow_load(record, base):  # type: ignore[no-untyped-def]
             if record.task == "slow":
                 loading.set()
                 assert gate.wait(30), "never released"
-            return original(record, base, weights)
+            return original(record, base)
 
         runtime.registry.load = slow_load
         with ThreadPoolExecutor(2) as pool:

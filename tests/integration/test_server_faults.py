@@ -132,10 +132,10 @@ def test_a_delete_during_a_cold_load_is_honoured(server_settings, tiny) -> None:
         loading, gate = threading.Event(), threading.Event()
         load = runtime.registry.load
 
-        def slow_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+        def slow_load(record: Any, base: Any) -> Any:
             loading.set()
             assert gate.wait(30)
-            return load(record, base, weights)
+            return load(record, base)
 
         runtime.registry.load = slow_load
         with ThreadPoolExecutor(1) as pool:
@@ -167,10 +167,10 @@ def test_cancelling_one_request_during_a_shared_cold_load_spares_the_others(
         loads: list[str] = []
         load = runtime.registry.load
 
-        def slow_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+        def slow_load(record: Any, base: Any) -> Any:
             loads.append(record.task)
             assert gate.wait(30)
-            return load(record, base, weights)
+            return load(record, base)
 
         runtime.registry.load = slow_load
 
@@ -283,10 +283,10 @@ def test_a_request_failing_at_any_step_gives_its_queue_place_back(server_setting
         runtime = app.state.runtime
         load = runtime.registry.load
 
-        def failing_load(record: Any, base: Any = None, weights: Any = None) -> Any:
+        def failing_load(record: Any, base: Any) -> Any:
             if record.task == "broken":
                 raise ChecksumMismatch("injected: the stored bytes no longer match")
-            return load(record, base, weights)
+            return load(record, base)
 
         runtime.registry.load = failing_load
         run = runtime.engine.run

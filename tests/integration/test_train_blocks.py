@@ -15,6 +15,7 @@ from adapters_store.bases import TINY, tower_parameters
 from adapters_store.config import StoreSettings
 from adapters_store.format.codec import decode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from server.engine import Engine
 from tests.synthetic_domains import make_domains
 from trainer.config import RunOptions, TrainConfig
@@ -62,7 +63,7 @@ def test_a_block_adapter_trains_registers_and_serves_like_its_merged_model(  # t
     try:
         record = registry.resolve("blocks")
         engine = Engine(copy.deepcopy(net), sig, "cpu", "float32")
-        prepared = engine.prepare(record, registry.load(record, sig))
+        prepared = engine.prepare(record, registry.load(record, ServingBase.of(net, sig)))
     finally:
         registry.close()
     assert prepared.residual.block_rows, "served as whole blocks"

@@ -250,7 +250,7 @@ class WorkerResult:
 
 
 def register_files(
-    worker: int, url: str, home: str, sig: Any, paths: list[str], results: Any
+    worker: int, url: str, home: str, base: Any, paths: list[str], results: Any
 ) -> None:
     """Register ``paths`` one after another; report versions and every error (never raise).
 
@@ -264,7 +264,7 @@ def register_files(
     try:
         for path in paths:
             try:
-                result = reg.register(Path(path).read_bytes(), sig)
+                result = reg.register(Path(path).read_bytes(), base)
                 out.versions.append(result.record.version)
                 out.created += int(result.created)
             except Exception as exc:
@@ -274,7 +274,9 @@ def register_files(
         results.put(out)
 
 
-def register_until_killed(url: str, blob_root: str, sig: Any, paths: list[str], ready: Any) -> None:
+def register_until_killed(
+    url: str, blob_root: str, base: Any, paths: list[str], ready: Any
+) -> None:
     """Register ``paths`` in a loop forever; the parent SIGKILLs this process at a random time."""
     from adapters_store.blobs import BlobStore
     from adapters_store.catalog import Catalog
@@ -284,10 +286,10 @@ def register_until_killed(url: str, blob_root: str, sig: Any, paths: list[str], 
     ready.set()
     while True:
         for path in paths:
-            reg.register(Path(path).read_bytes(), sig)
+            reg.register(Path(path).read_bytes(), base)
 
 
-def crash_during_registration(url: str, blob_root: str, sig: Any, path: str, point: str) -> None:
+def crash_during_registration(url: str, blob_root: str, base: Any, path: str, point: str) -> None:
     """Register ``path`` and SIGKILL this process at ``point`` of the sequence validate → blob →
     row: ``temp-written`` (blob bytes on disk, not yet renamed), ``blob-stored`` (blob visible, no
     row yet) or ``row-uncommitted`` (row inserted, transaction not committed)."""
@@ -310,5 +312,5 @@ def crash_during_registration(url: str, blob_root: str, sig: Any, path: str, poi
         Session.commit = die  # type: ignore[assignment,method-assign]
     else:
         raise ValueError(point)
-    reg.register(Path(path).read_bytes(), sig)
+    reg.register(Path(path).read_bytes(), base)
     raise AssertionError("the crash point was not reached")

@@ -24,6 +24,7 @@ from adapters_store.catalog import Catalog, upgrade
 from adapters_store.config import StoreSettings
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 from tests.conftest import png_bytes
 from tests.security.helpers import ADMIN, WorkerResult, mp_context, register_files
@@ -81,7 +82,7 @@ def test_8_processes_x_50_registrations_get_exact_versions(
     paths = variants(tiny, "shared", WORKERS * EACH, tmp_path / "files")
     batches = [paths[i * EACH : (i + 1) * EACH] for i in range(WORKERS)]
     start = time.perf_counter()
-    results = run_workers(catalog_url, tmp_path / "home", tiny[1], batches)
+    results = run_workers(catalog_url, tmp_path / "home", ServingBase.of(*tiny), batches)
     elapsed = time.perf_counter() - start
     errors = [e for r in results for e in r.errors]
     assert errors == [], errors[:5]
@@ -105,7 +106,7 @@ def test_same_bytes_from_8_processes_at_once_get_one_version_each(
     catalog_url: str, tmp_path: Path, tiny: Tiny
 ) -> None:
     paths = variants(tiny, "same", 20, tmp_path / "files", seed=1)
-    results = run_workers(catalog_url, tmp_path / "home", tiny[1], [paths] * WORKERS)
+    results = run_workers(catalog_url, tmp_path / "home", ServingBase.of(*tiny), [paths] * WORKERS)
     assert [e for r in results for e in r.errors] == []
     assert sum(r.created for r in results) == 20
     reg = registry_of(catalog_url, tmp_path / "home")

@@ -36,6 +36,7 @@ from adapters_store.cli import main as cli_main
 from adapters_store.errors import SchemaOutOfDate
 from adapters_store.format.codec import encode_adapter
 from adapters_store.registry import Registry
+from adapters_store.serving_base import ServingBase
 from adapters_store.synthetic import random_adapter
 from server.main import create_app
 from tests.conftest import png_bytes
@@ -109,7 +110,7 @@ def test_sigkill_at_random_moments_of_registration(
     for k in range(KILLS):
         ready = ctx.Event()
         batch = paths[k * per_round : (k + 1) * per_round]
-        proc = ctx.Process(target=register_until_killed, args=(url, str(blob_root), tiny[1], batch, ready))  # fmt: skip
+        proc = ctx.Process(target=register_until_killed, args=(url, str(blob_root), ServingBase.of(*tiny), batch, ready))  # fmt: skip
         proc.start()
         assert ready.wait(30), "worker did not start"
         time.sleep(rng.uniform(0.0, 0.3))
@@ -154,7 +155,7 @@ def test_sigkill_at_each_step_of_registration(
     upgrade(url)
     blob_root = home / "blobs"
     (path,) = adapter_files(tiny, tmp_path / "files", 1)
-    proc = mp_context().Process(target=crash_during_registration, args=(url, str(blob_root), tiny[1], path, point))  # fmt: skip
+    proc = mp_context().Process(target=crash_during_registration, args=(url, str(blob_root), ServingBase.of(*tiny), path, point))  # fmt: skip
     proc.start()
     proc.join(60)
     assert proc.exitcode == -9, f"the worker did not die at {point}"
@@ -173,7 +174,7 @@ def test_sigkill_at_each_step_of_registration(
     assert files_under(blob_root) == []
     # The store works afterwards: the same file registers as version 1.
     reg = Registry(Catalog(url), BlobStore(blob_root))
-    result = reg.register(Path(path).read_bytes(), tiny[1])
+    result = reg.register(Path(path).read_bytes(), ServingBase.of(*tiny))
     assert result.created and result.record.version == 1
     reg.close()
 
@@ -216,7 +217,9 @@ def test_corrupted_blob_is_reported_and_repaired_by_fsck(
     upgrade(url)
     home = tmp_path / "home"
     reg = Registry(Catalog(url), BlobStore(home / "blobs"))
-    digest = reg.register(encode_adapter(random_adapter(*tiny, "task0")), tiny[1]).record.digest
+    digest = reg.register(
+        encode_adapter(random_adapter(*tiny, "task0")), ServingBase.of(*tiny)
+    ).record.digest
     reg.close()
     (home / "blobs" / digest[:2] / digest).write_bytes(b"not the adapter any more")
     report = fsck_cli(home, url, repair=False, capsys=capsys)

@@ -316,6 +316,7 @@ CASES: list[Case] = [
     ("head-counter-wrong-dtype", lambda g: g.with_tensor("head/bn.num_batches_tracked", torch.tensor(0.0)), "head-shape"),
     # against the serving base
     ("another-base-fingerprint", _other_base, "fingerprint"),
+    ("another-base-name", lambda g: _meta(g, base_model="no-such-model"), "base-names"),
 ]  # fmt: skip
 
 

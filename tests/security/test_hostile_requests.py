@@ -197,7 +197,7 @@ def _field_part(name: str, value: bytes) -> bytes:
 PNG = png_bytes(1)
 MULTIPART: list[tuple[str, Callable[[], tuple[bytes, dict[str, str]]], tuple[int, ...]]] = [
     ("100-fields", lambda: _multipart([_file_part(PNG)] + [_field_part(f"f{i}", b"x") for i in range(100)]), (400,)),
-    ("65-files", lambda: _multipart([_file_part(PNG)] * 65), (400, 413)),
+    ("65-files", lambda: _multipart([_file_part(PNG)] * 65), (400, 413)),  # 413 on /predict, 400 on /admin
     ("200KiB-filename", lambda: _multipart([_file_part(PNG, filename=b"a" * 200_000)]), (400,)),
     ("200KiB-part-header", lambda: _multipart([_file_part(PNG, extra=b"X-Pad: " + b"p" * 200_000 + b"\r\n")]), (400,)),
     ("5000-part-headers", lambda: _multipart([_file_part(PNG, extra=b"X: y\r\n" * 5000)]), (400,)),

@@ -201,7 +201,7 @@ def test_stored_unservable_rows_break_no_read_path(
             data = encode_adapter(adapter)
             digest = sha256_hex(data)
             reg.blobs.put(data, digest)
-            reg._insert(adapter, digest, len(data), tiny[1])  # bypasses every check
+            reg._insert(adapter, digest, len(data), tiny[1], None)  # bypasses every check
     finally:
         reg.close()
     with serving(settings) as client:

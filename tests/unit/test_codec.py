@@ -23,6 +23,7 @@ from torch import nn
 
 from adapters_store.adapter import (
     Adapter,
+    AdapterInfo,
     AdapterMeta,
     Residual,
     build_adapter,
@@ -187,10 +188,18 @@ def test_round_trip_merge_reproduces_task_state_bit_for_bit(tiny: Tiny) -> None:
     base, task = random_task_state(net, 0.01, seed=1)
     head = _tiny_head(sig.embed_dim, 3)
     adapter = build_adapter(
-        base, task, task="merge-check", base_model=sig.model, base_pretrained=sig.pretrained,
-        base_fingerprint=sig.fingerprint, class_names=["a", "b", "c"], head_state=head,
-        created_at=CREATED_AT,
-    )  # fmt: skip
+        base,
+        task,
+        AdapterInfo(
+            task="merge-check",
+            base_model=sig.model,
+            base_pretrained=sig.pretrained,
+            base_fingerprint=sig.fingerprint,
+            class_names=["a", "b", "c"],
+            created_at=CREATED_AT,
+        ),
+        head_state=head,
+    )
     decoded = decode_adapter(encode_adapter(adapter))
     check_against_base(decoded, sig)
     assert decoded.meta.nnz > 0
@@ -280,10 +289,19 @@ def _size_figures(residual_dtype: torch.dtype) -> tuple[float, int, int, int]:
         changed = torch.rand(w.shape, generator=g) < 0.1
         task[key] = torch.where(changed, w * (1 + 0.05 * torch.randn(w.shape, generator=g)), w)
     adapter = build_adapter(
-        base, task, task="size", base_model="m", base_pretrained="p", base_fingerprint="ab" * 32,
-        class_names=[f"c{i}" for i in range(10)], head_state=_tiny_head(32, 10),
-        residual_dtype=residual_dtype, created_at=CREATED_AT,
-    )  # fmt: skip
+        base,
+        task,
+        AdapterInfo(
+            task="size",
+            base_model="m",
+            base_pretrained="p",
+            base_fingerprint="ab" * 32,
+            class_names=[f"c{i}" for i in range(10)],
+            created_at=CREATED_AT,
+        ),
+        head_state=_tiny_head(32, 10),
+        residual_dtype=residual_dtype,
+    )
     nnz = adapter.meta.nnz
     size = len(encode_adapter(adapter))
     empty = dataclasses.replace(
@@ -579,6 +597,10 @@ CASES: list[Case] = [
          lambda c: _check(c, _unknown_parameter(c))),
     Case("fingerprint", "other-base", "fingerprint",
          lambda c: _check(c, _meta(c, base_fingerprint="0" * 64))),
+    Case("base-names", "other-model-name", "'no-such-model'",
+         lambda c: _check(c, _meta(c, base_model="no-such-model"))),
+    Case("base-names", "other-pretrained-name", "this base's, deltaclip-tiny/random",
+         lambda c: _check(c, _meta(c, base_pretrained="openai"))),
 ]  # fmt: skip
 
 
@@ -709,9 +731,19 @@ def test_merge_state_definition_and_inputs_untouched() -> None:
 
 def _build(base: dict[str, torch.Tensor], task: dict[str, torch.Tensor], **kw: Any) -> Adapter:
     return build_adapter(
-        base, task, task="b", base_model="m", base_pretrained="p", base_fingerprint="ab" * 32,
-        class_names=["x", "y"], head_state=_tiny_head(8, 2), created_at=CREATED_AT, **kw,
-    )  # fmt: skip
+        base,
+        task,
+        AdapterInfo(
+            task="b",
+            base_model="m",
+            base_pretrained="p",
+            base_fingerprint="ab" * 32,
+            class_names=["x", "y"],
+            created_at=CREATED_AT,
+        ),
+        head_state=_tiny_head(8, 2),
+        **kw,
+    )
 
 
 def test_build_adapter_mask_stores_only_masked_positions() -> None:
@@ -795,3 +827,25 @@ def test_build_adapter_rejects_other_problems() -> None:
         _build(
             base, {"visual.w": torch.tensor([0.0, math.inf, 0.0, 0.0]), "visual.v": torch.zeros(2)}
         )
+
+
+def test_the_format_package_exports_its_public_surface() -> None:
+    import adapters_store.format as fmt
+    from adapters_store.format import codec, servable
+
+    assert len(fmt.__all__) == len(set(fmt.__all__)) >= 20
+    for name in fmt.__all__:
+        assert getattr(fmt, name) is not None, name
+    assert fmt.encode_adapter is codec.encode_adapter and fmt.RULES is codec.RULES
+    assert fmt.check_servable is servable.check_servable
+    with pytest.raises(AttributeError):
+        _ = fmt.no_such_name
+
+
+def test_the_metadata_schema_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, adapters_store.format.schema; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

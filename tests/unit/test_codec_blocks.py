@@ -16,7 +16,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from adapters_store.adapter import Adapter, Residual, build_adapter, merge_state, merge_tensor
+from adapters_store.adapter import (
+    Adapter,
+    AdapterInfo,
+    Residual,
+    build_adapter,
+    merge_state,
+    merge_tensor,
+)
 from adapters_store.bases import BaseSignature
 from adapters_store.errors import InvalidAdapter
 from adapters_store.format.codec import check_against_base, decode_adapter, encode_adapter
@@ -73,11 +80,19 @@ def test_block_round_trip_and_merge_are_exact(tiny: Tiny) -> None:
         for block_size in (2, 4, 8, 16):
             base, task = random_task_state(net, 0.03, seed=block_size, block_size=block_size)
             adapter = build_adapter(
-                base, task, task="b", base_model=sig.model, base_pretrained=sig.pretrained,
-                base_fingerprint=sig.fingerprint, class_names=["a", "b"],
+                base,
+                task,
+                AdapterInfo(
+                    task="b",
+                    base_model=sig.model,
+                    base_pretrained=sig.pretrained,
+                    base_fingerprint=sig.fingerprint,
+                    class_names=["a", "b"],
+                ),
                 head_state=TaskHead(sig.embed_dim, 2).state_dict(),
-                residual_dtype=residual_dtype, block_size=block_size,
-            )  # fmt: skip
+                residual_dtype=residual_dtype,
+                block_size=block_size,
+            )
             data = encode_adapter(adapter)
             decoded = decode_adapter(data)
             check_against_base(decoded, sig)
@@ -102,9 +117,18 @@ def test_unchanged_positions_in_a_block_are_negative_zero() -> None:
     base = {"visual.w": torch.tensor([0.0, -0.0, 1.0, 2.0, 3.0, 4.0])}
     task = {"visual.w": torch.tensor([0.0, -0.0, 1.5, 2.0, 3.0, 4.0])}
     adapter = build_adapter(
-        base, task, task="z", base_model="m", base_pretrained="p", base_fingerprint="a" * 64,
-        class_names=["a"], head_state=TaskHead(4, 1).state_dict(), block_size=4,
-    )  # fmt: skip
+        base,
+        task,
+        AdapterInfo(
+            task="z",
+            base_model="m",
+            base_pretrained="p",
+            base_fingerprint="a" * 64,
+            class_names=["a"],
+        ),
+        head_state=TaskHead(4, 1).state_dict(),
+        block_size=4,
+    )
     res = adapter.residual["visual.w"]
     assert res.indices.tolist() == [0] and res.values[0].tolist() == [0.0, 0.0, 0.5, 0.0]
     assert torch.signbit(res.values[0]).tolist() == [True, True, False, True]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapters_store.adapter import Adapter, build_adapter, merge_state
+from adapters_store.adapter import Adapter, AdapterInfo, build_adapter, merge_state
 from adapters_store.errors import InvalidAdapter
 from adapters_store.format.codec import decode_adapter, encode_adapter
 from adapters_store.head import TaskHead
@@ -120,20 +120,24 @@ def cases(draw: st.DrawFn) -> Case:
     adapter = build_adapter(
         base,
         task,
-        task=draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True)),
-        base_model=draw(_text),
-        base_pretrained=draw(_text),
-        base_fingerprint=draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
-        class_names=class_names,
+        AdapterInfo(
+            task=draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True)),
+            base_model=draw(_text),
+            base_pretrained=draw(_text),
+            base_fingerprint=draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
+            class_names=class_names,
+            source_domain=draw(_text),
+            target_domain=draw(_text),
+            method=draw(_text),
+            train_config=draw(st.dictionaries(_text, _json_scalar, max_size=3)),
+            metrics=draw(st.dictionaries(_text, _json_scalar, max_size=3)),
+            created_at=created.isoformat().replace(
+                "+00:00", draw(st.sampled_from(["Z", "+00:00"]))
+            ),
+        ),
         head_state=head,
         residual_dtype=residual_dtype,
         class_embeddings=emb if draw(st.booleans()) else None,
-        source_domain=draw(_text),
-        target_domain=draw(_text),
-        method=draw(_text),
-        train_config=draw(st.dictionaries(_text, _json_scalar, max_size=3)),
-        metrics=draw(st.dictionaries(_text, _json_scalar, max_size=3)),
-        created_at=created.isoformat().replace("+00:00", draw(st.sampled_from(["Z", "+00:00"]))),
     )
     return Case(adapter, base, task, residual_dtype)
 
@@ -184,10 +188,19 @@ def _valid_file() -> bytes:
     base, task = _states(11, 0.3, [(4, 5), (7,)])
     head = TaskHead(3, 2).state_dict()
     adapter = build_adapter(
-        base, task, task="fuzz", base_model="m", base_pretrained="p", base_fingerprint="cd" * 32,
-        class_names=["a", "b"], head_state=head, class_embeddings=torch.eye(2, 3),
-        created_at="2024-05-01T12:00:00Z",
-    )  # fmt: skip
+        base,
+        task,
+        AdapterInfo(
+            task="fuzz",
+            base_model="m",
+            base_pretrained="p",
+            base_fingerprint="cd" * 32,
+            class_names=["a", "b"],
+            created_at="2024-05-01T12:00:00Z",
+        ),
+        head_state=head,
+        class_embeddings=torch.eye(2, 3),
+    )
     data = encode_adapter(adapter)
     decode_adapter(data)  # the unmutated file is valid
     return data

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters_store.adapter import Adapter, build_adapter, merge_state
+from adapters_store.adapter import Adapter, AdapterInfo, build_adapter, merge_state
 from adapters_store.bases import BaseSignature, base_fingerprint, tower_parameters
 from adapters_store.head import TaskHead
 from adapters_store.synthetic import random_adapter
@@ -143,9 +143,18 @@ def _odd_adapter(tower: nn.Module, block_size: int, seed: int) -> Adapter:
         task[key] = torch.where(changed, w * (1 + 0.05 * torch.randn(w.shape, generator=g)), w)
     head = TaskHead(4, 2).state_dict()
     return build_adapter(
-        base, task, task="odd", base_model="odd", base_pretrained="x", base_fingerprint="0" * 64,
-        class_names=["a", "b"], head_state=head, block_size=block_size,
-    )  # fmt: skip
+        base,
+        task,
+        AdapterInfo(
+            task="odd",
+            base_model="odd",
+            base_pretrained="x",
+            base_fingerprint="0" * 64,
+            class_names=["a", "b"],
+        ),
+        head_state=head,
+        block_size=block_size,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

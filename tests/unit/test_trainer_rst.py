@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters_store.adapter import build_adapter
+from adapters_store.adapter import AdapterInfo, build_adapter
 from adapters_store.bases import tower_parameters
 from adapters_store.head import TaskHead
 from trainer.errors import CheckpointRefused
@@ -168,9 +168,18 @@ def test_block_rst_step_changes_whole_blocks_within_the_budget(tiny, block_size:
     # the adapter of this tower stores exactly these blocks: nnz agrees with the trainer's count
     state = {k: p.detach().clone() for k, p in params.items()}
     adapter = build_adapter(
-        rst.base, state, task="b", base_model="m", base_pretrained="p", base_fingerprint="a" * 64,
-        class_names=["x"], head_state=TaskHead(8, 1).state_dict(), block_size=block_size,
-    )  # fmt: skip
+        rst.base,
+        state,
+        AdapterInfo(
+            task="b",
+            base_model="m",
+            base_pretrained="p",
+            base_fingerprint="a" * 64,
+            class_names=["x"],
+        ),
+        head_state=TaskHead(8, 1).state_dict(),
+        block_size=block_size,
+    )
     assert adapter.meta.nnz == nnz and adapter.block_size == block_size
 
 

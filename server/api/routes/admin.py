@@ -3,17 +3,34 @@ the request, makes one service call and shapes the answer."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import OperationalError
+from starlette.requests import ClientDisconnect
 
-from ...errors import InvalidRequest
-from ..deps import NAME_PATTERN, AdminDep, ServiceDep
+from adapters_store import errors as store
+from adapters_store.names import NAME_PATTERN
+from deltaclip_api import AdapterRef, AliasRemoved, AliasSet, Deleted, Registration
+
+from ...errors import (
+    AdminDisabled,
+    InvalidRequest,
+    MissingFile,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    documented,
+)
+from ..deps import AdminDep, ServiceDep
 from ..uploads import read_files, upload_openapi
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"], dependencies=[AdminDep])
+# Every admin route checks the token first; the mutations may find the disk full.
+_ADMIN = (RequestValidationError, Unauthorized, AdminDisabled, OperationalError)
 
 TaskPath = Annotated[str, Path(pattern=NAME_PATTERN)]
 AliasPath = Annotated[str, Path(pattern=NAME_PATTERN)]
@@ -24,46 +41,77 @@ _UPLOAD = upload_openapi(
 )
 
 
+def _one_file_only(_: int) -> InvalidRequest:
+    return InvalidRequest("send exactly one adapter file in field 'file'")
+
+
 class AliasBody(BaseModel):
     version: int = Field(ge=1, le=2**31 - 1)
 
 
 @router.post(
-    "", status_code=201, summary="Upload and register an adapter file", openapi_extra=_UPLOAD
-)
-async def upload(request: Request, service: ServiceDep) -> JSONResponse:
+    "",
+    status_code=201,
+    summary="Upload and register an adapter file",
+    openapi_extra=_UPLOAD,
+    response_model=Registration,
+    responses={
+        200: {"model": Registration, "description": "The same bytes were already registered."},
+        **documented(
+            *_ADMIN, InvalidRequest, MissingFile, ClientDisconnect, PayloadTooLarge,
+            UnsupportedMediaType, NotReady, store.InvalidName, store.AdapterTooLarge,
+            store.InvalidAdapter, store.IncompatibleBase, store.AlreadyExists, OSError,
+        ),
+    },
+)  # fmt: skip
+async def upload(request: Request, response: Response, service: ServiceDep) -> Registration:
     """201 with task, version and digest; 200 when the same bytes were already registered."""
 
     async def read() -> tuple[bytes, str | None]:
-        files, fields = await read_files(request, "file", max_files=1)
+        files, fields = await read_files(request, "file", max_files=1, too_many=_one_file_only)
         if len(files) != 1:
-            raise InvalidRequest("send exactly one adapter file in field 'file'")
+            raise _one_file_only(1)
         return files[0], fields.get("alias") or request.query_params.get("alias")
 
     result = await service.register(read)
     rec = result.record
-    body = {"task": rec.task, "version": rec.version, "digest": rec.digest, "created": result.created,
-            "aliases": rec.aliases, "nnz": rec.nnz, "density": rec.density, "size_bytes": rec.size_bytes}  # fmt: skip
-    return JSONResponse(body, status_code=201 if result.created else 200)
+    response.status_code = 201 if result.created else 200
+    return Registration(
+        task=rec.task, version=rec.version, digest=rec.digest, created=result.created,
+        aliases=rec.aliases, nnz=rec.nnz, density=rec.density, size_bytes=rec.size_bytes,
+    )  # fmt: skip
 
 
-@router.delete("/{task}/versions/{version}", summary="Delete one version (hard delete)")
-async def delete_version(
-    service: ServiceDep, task: TaskPath, version: VersionPath
-) -> dict[str, Any]:
+@router.delete(
+    "/{task}/versions/{version}",
+    summary="Delete one version (hard delete)",
+    response_model=Deleted,
+    responses=documented(*_ADMIN, store.AdapterNotFound),
+)
+async def delete_version(service: ServiceDep, task: TaskPath, version: VersionPath) -> Deleted:
     rec = await service.delete(task, version)
-    return {"deleted": {"task": rec.task, "version": rec.version, "digest": rec.digest}}
+    return Deleted(deleted=AdapterRef(task=rec.task, version=rec.version, digest=rec.digest))
 
 
-@router.put("/{task}/aliases/{alias}", summary="Point an alias at a version")
+@router.put(
+    "/{task}/aliases/{alias}",
+    summary="Point an alias at a version",
+    response_model=AliasSet,
+    responses=documented(*_ADMIN, store.AdapterNotFound, store.InvalidName),
+)
 async def put_alias(
     service: ServiceDep, task: TaskPath, alias: AliasPath, body: AliasBody
-) -> dict[str, Any]:
+) -> AliasSet:
     await service.set_alias(task, alias, body.version)
-    return {"task": task, "alias": alias, "version": body.version}
+    return AliasSet(task=task, alias=alias, version=body.version)
 
 
-@router.delete("/{task}/aliases/{alias}", summary="Remove an alias")
-async def delete_alias(service: ServiceDep, task: TaskPath, alias: AliasPath) -> dict[str, Any]:
+@router.delete(
+    "/{task}/aliases/{alias}",
+    summary="Remove an alias",
+    response_model=AliasRemoved,
+    responses=documented(*_ADMIN, store.AdapterNotFound),
+)
+async def delete_alias(service: ServiceDep, task: TaskPath, alias: AliasPath) -> AliasRemoved:
     await service.remove_alias(task, alias)
-    return {"task": task, "alias": alias, "removed": True}
+    return AliasRemoved(task=task, alias=alias, removed=True)

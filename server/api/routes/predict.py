@@ -3,14 +3,34 @@ hand the service a reader for the images, and shape the probabilities into top-k
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
 
-from ...errors import InvalidLabels
+from adapters_store import errors as store
+from adapters_store.names import NAME_PATTERN
+from deltaclip_api import BaseInfo, Label, Prediction, ZeroShot
+
+from ...errors import (
+    EmptyImage,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidLabels,
+    InvalidRequest,
+    MissingFile,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Timeout,
+    TooManyImages,
+    UnsupportedMediaType,
+    documented,
+)
 from ...service import Gone, ReadImages
-from ..deps import NAME_PATTERN, ServiceDep
+from ..deps import ServiceDep
 from ..uploads import read_files, upload_openapi
 
 router = APIRouter(tags=["predict"])
@@ -18,6 +38,11 @@ router = APIRouter(tags=["predict"])
 _IMAGE_BODY = upload_openapi(
     {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}, raw_images=True
 )
+# What reading and classifying a request's images can answer, adapter or zero-shot.
+_IMAGE_ERRORS = (
+    RequestValidationError, EmptyImage, MissingFile, ClientDisconnect, PayloadTooLarge,
+    TooManyImages, ImageTooLarge, UnsupportedMediaType, InvalidImage, NotReady, Overloaded, Timeout,
+)  # fmt: skip
 
 
 def _image_reader(request: Request, max_images: int) -> ReadImages:
@@ -39,18 +64,27 @@ def _disconnect_watcher(request: Request) -> Gone:
     return gone
 
 
-def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[list[dict[str, Any]]]:
+def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[list[Label]]:
     values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         [
-            {"label": labels[int(i)], "score": round(float(v), 6)}
+            Label(label=labels[int(i)], score=round(float(v), 6))
             for v, i in zip(row_v, row_i, strict=True)
         ]
         for row_v, row_i in zip(values, indices, strict=True)
     ]
 
 
-@router.post("/predict", summary="Classify images with a task's adapter", openapi_extra=_IMAGE_BODY)
+@router.post(
+    "/predict",
+    summary="Classify images with a task's adapter",
+    openapi_extra=_IMAGE_BODY,
+    response_model=Prediction,
+    responses=documented(
+        *_IMAGE_ERRORS, InvalidRequest, store.InvalidRequest, store.AdapterNotFound,
+        store.InvalidAdapter, store.ChecksumMismatch,
+    ),
+)  # fmt: skip
 async def predict(
     request: Request,
     service: ServiceDep,
@@ -58,23 +92,25 @@ async def predict(
     version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     alias: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
-) -> dict[str, Any]:
+) -> Prediction:
     """Answers with the adapter that was used (task, version, digest) and, per image, the top-k labels."""
     read = _image_reader(request, service.settings.max_images)
     result = await service.classify(task, version, alias, read, _disconnect_watcher(request))
     record = result.record
-    return {
-        "task": record.task,
-        "version": record.version,
-        "digest": record.digest,
-        "predictions": _top_k(result.probs, result.class_names, top_k),
-    }
+    return Prediction(
+        task=record.task,
+        version=record.version,
+        digest=record.digest,
+        predictions=_top_k(result.probs, result.class_names, top_k),
+    )
 
 
 @router.post(
     "/predict/zero-shot",
     summary="Classify with the base's text head (no adapter)",
     openapi_extra=_IMAGE_BODY,
+    response_model=ZeroShot,
+    responses=documented(*_IMAGE_ERRORS, InvalidLabels, store.UnmappedLabel),
 )
 async def zero_shot(
     request: Request,
@@ -83,7 +119,7 @@ async def zero_shot(
         str, Query(min_length=1, max_length=10_000, description="comma-separated labels")
     ],
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
-) -> dict[str, Any]:
+) -> ZeroShot:
     """CLIP zero-shot over free-form labels with the base's text side (its frozen text tower; on
     the default ``deltaclip-efflite0``, WordNet over its ImageNet classifier). A label the default
     base cannot place is a 400 ``unmapped_label``."""
@@ -99,11 +135,7 @@ async def zero_shot(
     read = _image_reader(request, service.settings.max_images)
     probs = await service.zero_shot(names, read, _disconnect_watcher(request))
     s = service.settings
-    return {
-        "base": {
-            "model": s.base_model,
-            "pretrained": s.base_pretrained,
-            "fingerprint": service.loaded_fingerprint,
-        },
-        "predictions": _top_k(probs, names, top_k),
-    }
+    base = BaseInfo(
+        model=s.base_model, pretrained=s.base_pretrained, fingerprint=service.loaded_fingerprint
+    )
+    return ZeroShot(base=base, predictions=_top_k(probs, names, top_k))

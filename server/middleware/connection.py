@@ -18,7 +18,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import HeadersTooLarge, error_response
+from ..errors import HeadersTooLarge, error_response
 
 log = logging.getLogger("deltaclip.server")
 
@@ -56,14 +56,18 @@ class HeadAsGetMiddleware:
             await self.app(scope, receive, send)
             return
 
+        as_get = {**scope, "method": "GET"}
+
         async def bodiless_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and "route" in as_get:
+                scope["route"] = as_get["route"]  # the route the GET took, for the metrics
             if message["type"] == "http.response.body":
                 if message.get("more_body", False):
                     return
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, bodiless_send)
+        await self.app(as_get, receive, bodiless_send)
 
 
 class UnexpectedErrorMiddleware:

@@ -3,7 +3,7 @@
 :class:`Plan` is what was checked before any compute was spent; :class:`Run` adds what was built
 from it (model, session, loaders) and the bookkeeping the epochs update (per-epoch history, the
 current epoch's partial loss sums, seconds spent). Both live here, apart from the functions that
-start, step and finish a run (``trainer.start``, ``trainer.epoch``, ``trainer.finish``), so that
+start, step and finish a run (``trainer.run_start``, ``trainer.epoch``, ``trainer.finish``), so that
 each of those reads one concern and none of them imports another.
 """
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import InvalidRequest, PayloadTooLarge, ServerError, error_response
+from ..errors import InvalidRequest, PayloadTooLarge, ServerError, error_response
 
 
 def body_too_large(limit: int) -> PayloadTooLarge:

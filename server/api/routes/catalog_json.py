@@ -6,11 +6,15 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from adapters_store import errors as store
 from adapters_store.errors import AdapterNotFound
+from adapters_store.names import NAME_PATTERN
 
-from ..deps import NAME_PATTERN, RuntimeDep
+from ...errors import documented
+from ..deps import RuntimeDep
 from ..schemas import AdapterDetail, AdapterPage, TaskVersions
 
 router = APIRouter(prefix="/adapters", tags=["catalog"])
@@ -26,6 +30,7 @@ TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
     "",
     summary="List adapters (filters combine; newest versions first within a task)",
     response_model=AdapterPage,
+    responses=documented(RequestValidationError, store.InvalidRequest),
 )
 async def list_adapters(
     rt: RuntimeDep,
@@ -48,7 +53,12 @@ async def list_adapters(
             "items": [r.summary() for r in page.items]}  # fmt: skip
 
 
-@router.get("/{task}", summary="A task's versions and aliases", response_model=TaskVersions)
+@router.get(
+    "/{task}",
+    summary="A task's versions and aliases",
+    response_model=TaskVersions,
+    responses=documented(RequestValidationError, AdapterNotFound),
+)
 async def get_task(rt: RuntimeDep, task: TaskPath) -> dict[str, Any]:
     versions = await asyncio.to_thread(rt.registry.versions, task)
     if not versions:
@@ -61,14 +71,22 @@ async def get_task(rt: RuntimeDep, task: TaskPath) -> dict[str, Any]:
     "/{task}/versions/{version}",
     summary="All metadata of one version, with per-parameter change counts",
     response_model=AdapterDetail,
+    responses=documented(RequestValidationError, AdapterNotFound),
 )
 async def get_version(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> dict[str, Any]:
     record = await asyncio.to_thread(rt.registry.get, task, version)
     return record.to_dict()
 
 
-@router.get("/{task}/versions/{version}/file", summary="Download the adapter file (checksum-verified)",
-            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
+@router.get(
+    "/{task}/versions/{version}/file",
+    summary="Download the adapter file (checksum-verified)",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},  # bytes: no schema (OpenAPI 3.1)
+        **documented(RequestValidationError, AdapterNotFound, store.ChecksumMismatch),
+    },
+)  # fmt: skip
 async def get_file(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> Response:
     record = await asyncio.to_thread(rt.registry.get, task, version)
     data = await asyncio.to_thread(rt.registry.read_bytes, record)

@@ -1,19 +1,28 @@
-"""The catalog as an HTML page for people (the JSON reads are in :mod:`.adapters`)."""
+"""The catalog as an HTML page for people (the JSON reads are in :mod:`.catalog_json`)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
+from adapters_store.names import NAME_PATTERN
+
 from ...catalog_page import render
-from ..deps import NAME_PATTERN, ServiceDep
+from ...errors import documented
+from ..deps import ServiceDep
 
 router = APIRouter(tags=["catalog"])
 
 
-@router.get("/catalog", response_class=HTMLResponse, summary="The catalog as a page for people")
+@router.get(
+    "/catalog",
+    response_class=HTMLResponse,
+    summary="The catalog as a page for people",
+    responses=documented(RequestValidationError),
+)
 async def catalog_page(
     service: ServiceDep,
     task: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,

@@ -18,7 +18,7 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.errors import TrainError
-from trainer.runtime import autocast, resolve_device, thread_budget
+from trainer.execution import autocast, resolve_device, thread_budget
 
 
 def test_device_defaults_to_cuda_when_present(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,10 +28,10 @@ from .config import RunOptions, TrainConfig
 from .data import ImageDataset, class_order, labelled, scan_domain
 from .distributed import from_environment, rank_device
 from .errors import TrainError
+from .execution import resolve_device, seed_everything
 from .loaders import default_workers, eval_loader, paired_loader
 from .model import logit_scale_of, tower_kind
-from .run import Plan, Run, TrainLog
-from .runtime import resolve_device, seed_everything
+from .run_state import Plan, Run, TrainLog
 from .session import Session
 from .transforms import (
     TwoViews,
