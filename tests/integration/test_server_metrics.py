@@ -31,6 +31,10 @@ def scrape(c: TestClient) -> dict[str, Samples]:
     }
 
 
+class WorkerKilled(BaseException):
+    """Escapes every ``except Exception``: what kills a worker thread."""
+
+
 def until(predicate: Any, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -87,6 +91,26 @@ def test_every_declared_metric_moves_where_its_event_happens(server_settings, ad
         r = c.delete("/admin/adapters/t1/versions/1", headers=admin)  # evicts its prepared copy
         assert r.status_code == 200, r.text
         seen.append(scrape(c))
+        # A stray write behind the engine's record: the admin check reports and counts it.
+        engine.patcher.flat[torch.float32][7] += 1.0
+        check = c.post("/admin/base/check", headers=admin)
+        assert check.status_code == 200 and check.json()["consistent"] is False, check.text
+        seen.append(scrape(c))
+
+        # The worker thread dies between jobs: it is restarted on a verified base, and counted.
+        batcher = app.state.runtime.batcher
+        collect, kills = batcher._collect, [WorkerKilled("injected")]
+
+        def dying_collect(first: Any) -> Any:
+            if kills:
+                raise kills.pop()
+            return collect(first)
+
+        batcher._collect = dying_collect
+        assert c.post("/predict?task=t0", **IMG).status_code == 503
+        until(lambda: c.get("/readyz").status_code == 200, "readiness after the restart")
+        assert c.post("/predict?task=t0", **IMG).status_code == 200
+        seen.append(scrape(c))
         swaps = c.get("/base").json()["swaps"]
         after = scrape(c)
 
@@ -103,15 +127,18 @@ def test_every_declared_metric_moves_where_its_event_happens(server_settings, ad
 
     assert value("deltaclip_swaps", "deltaclip_swaps_total") == swaps >= 6
     assert value("deltaclip_cache_misses", "deltaclip_cache_misses_total") == 2
-    assert value("deltaclip_cache_hits", "deltaclip_cache_hits_total") == 4
+    assert value("deltaclip_cache_hits", "deltaclip_cache_hits_total") == 6  # 4, then 2 after
     assert value("deltaclip_cache_evictions", "deltaclip_cache_evictions_total") == 1
     responses = "deltaclip_responses_total"
-    assert value("deltaclip_responses", responses, route="/predict", status="200") == 6
+    assert value("deltaclip_responses", responses, route="/predict", status="200") == 7
+    assert value("deltaclip_responses", responses, route="/predict", status="503") == 1
+    assert value("deltaclip_base_mismatches", "deltaclip_base_mismatches_total") == 1
+    assert value("deltaclip_worker_restarts", "deltaclip_worker_restarts_total") == 1
     assert value("deltaclip_responses", responses, route="/predict", status="404") == 1
     assert value("deltaclip_responses", responses, route="/admin/adapters", status="201") == 2
     assert value("deltaclip_responses", responses,
                  route="/admin/adapters/{task}/versions/{version}", status="200") == 1  # fmt: skip
-    assert value("deltaclip_request_seconds", "deltaclip_request_seconds_count", task="t0") == 3
+    assert value("deltaclip_request_seconds", "deltaclip_request_seconds_count", task="t0") == 4
     assert value("deltaclip_queue_depth") == 0
 
 

@@ -13,11 +13,12 @@ from deltaclip_api import BaseStatus, Health, Readiness
 from ...errors import AdminDisabled, NotReady, Timeout, Unauthorized, documented
 from ..deps import AdminDep, ServiceDep
 
-router = APIRouter(tags=["health"])
+router = APIRouter()
 
 
 @router.get(
     "/healthz",
+    tags=["health"],
     summary="Liveness: the process runs and its base has not failed to load",
     response_model=Health,
     response_model_exclude_none=True,
@@ -35,6 +36,7 @@ def healthz(service: ServiceDep) -> Health | JSONResponse:
 
 @router.get(
     "/readyz",
+    tags=["health"],
     summary="Readiness: 200 once the base model is loaded, 503 while the model worker restarts",
     response_model=Readiness,
     response_model_exclude_none=True,
@@ -57,6 +59,7 @@ def readyz(service: ServiceDep) -> Readiness | JSONResponse:
 
 @router.get(
     "/metrics",
+    tags=["health"],
     summary="Prometheus metrics",
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}, **documented()},
@@ -67,6 +70,7 @@ def metrics(service: ServiceDep) -> Response:
 
 @router.get(
     "/base",
+    tags=["health"],
     summary="The base model, and the last check of its live weights (cached, with its age)",
     response_model=BaseStatus,
     responses=documented(NotReady),
