@@ -51,7 +51,15 @@ from bench.harness import (
     wait_for_quiet,
 )
 from bench.inprocess import peft_mixed, throughput
-from bench.servers import build_store, closed_loop, register, scrape, server, task_sequence
+from bench.servers import (
+    ADMIN,
+    build_store,
+    closed_loop,
+    register,
+    scrape,
+    server,
+    task_sequence,
+)
 
 SECTIONS = ["latency", "throughput", "grid", "peft"]
 
@@ -193,7 +201,8 @@ async def _server_grid(
                 print(f"    N={n:<3} {kind:<7} {res['rps']:6.1f} req/s  p50 {res['p50_ms']:7.0f} ms  "
                       f"p99 {res['p99_ms']:7.0f} ms  cold {res['cold_loads']:.0f}  batch {res['mean_batch']:.1f}  "
                       f"errors {res['errors']}", flush=True)  # fmt: skip
-        base = (await client.get("/base")).json()
+        # A check now (GET /base would serve the last periodic one).
+        base = (await client.post("/admin/base/check", headers=ADMIN)).json()
     return {"cells": results, "base_after": base}
 
 

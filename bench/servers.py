@@ -33,6 +33,8 @@ from adapters_store.serving_base import ServingBase
 from bench.harness import median, p
 
 CLASSES = [f"class {i}" for i in range(5)]
+ADMIN_TOKEN = "bench-admin-token"  # the benchmark servers' token (loopback only)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def fast_adapter(
@@ -167,7 +169,7 @@ def server(home: Path, base: tuple[str, str], device: str, max_batch: int,
     env = {**os.environ, "DELTACLIP_HOME": str(home), "DELTACLIP_BASE_MODEL": base[0],
            "DELTACLIP_BASE_PRETRAINED": base[1], "DELTACLIP_DEVICE": device,
            "DELTACLIP_PORT": str(port), "DELTACLIP_MAX_BATCH": str(max_batch),
-           "DELTACLIP_QUEUE_SIZE": "1024"}  # fmt: skip
+           "DELTACLIP_QUEUE_SIZE": "1024", "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN}  # fmt: skip
     if cache_bytes is not None:
         env["DELTACLIP_CACHE_BYTES"] = str(cache_bytes)
     env.pop("DELTACLIP_DATABASE_URL", None)

@@ -357,3 +357,26 @@ def test_admission_reserves_a_place_before_any_job_exists() -> None:
         b.stop()
 
     asyncio.run(main())
+
+
+def test_a_batch_that_cannot_be_stacked_is_run_job_by_job() -> None:
+    """Stacking a chunk's images used to sit outside the worker's error handling: one odd shape
+    killed the worker. Now the stacking fails the chunk, and each job runs alone."""
+    shapes: list[tuple[int, ...]] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        return x.sum(dim=1, keepdim=True)
+
+    async def main() -> list[torch.Tensor]:
+        b = make(max_batch=8, wait=0)
+        jobs = [b.submit("k", fn, torch.ones(1, n)) for n in (2, 3)]  # torch.cat cannot stack
+        b.start()
+        out = await asyncio.gather(*(j.future for j in jobs))
+        assert b.alive and b.depth == 0
+        b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert [t.item() for t in out] == [2.0, 3.0]
+    assert shapes == [(1, 2), (1, 3)]
