@@ -1,8 +1,9 @@
 """Adding one task's prepared delta (:mod:`server.corrections`) to its rows of an activation.
 
-Every function here adds in place to ``out``, only at the batch rows ``rows`` (int64, on the
-activation's device) and only at the features the delta touches; products are computed in
-float32 and rounded once into the activation's dtype. The features sit either on the last
+Every function here adds in place to ``out``, only on a run of consecutive batch rows ``rows =
+(start, count)`` (a view: nothing is gathered or scattered along the batch) and only at the
+features the delta touches (``index_add_`` along the feature dimension); products are computed
+in float32 and rounded once into the activation's dtype. The features sit either on the last
 dimension (Linear, attention, LayerNorm, embeddings: ``[B, …, F]``) or on dimension 1
 (convolutions and BatchNorm: ``[B, C, H, W]``).
 """
@@ -16,90 +17,82 @@ import torch.nn.functional as F
 
 from .corrections import MatrixDelta, VectorDelta
 
-
-def _put_last(out: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
-    """``out[rows, …, idx] += v`` with ``v`` shaped ``[n, T, |idx|]`` (T: the middle dims)."""
-    o3 = out.view(out.shape[0], -1, out.shape[-1])
-    tok = torch.arange(o3.shape[1], device=out.device)
-    index = (rows.view(-1, 1, 1), tok.view(1, -1, 1), idx.view(1, 1, -1))
-    o3.index_put_(index, v.to(out.dtype), accumulate=True)
+Rows = tuple[int, int]  # (first batch row, number of rows)
 
 
-def _put_channels(
-    out: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, v: torch.Tensor
-) -> None:
-    """``out[rows, idx, …] += v`` with ``v`` shaped ``[n, |idx|, L]`` (L: the spatial dims)."""
-    o3 = out.view(out.shape[0], out.shape[1], -1)
-    sp = torch.arange(o3.shape[2], device=out.device)
-    index = (rows.view(-1, 1, 1), idx.view(1, -1, 1), sp.view(1, 1, -1))
-    o3.index_put_(index, v.to(out.dtype), accumulate=True)
-
-
-def linear(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, d: MatrixDelta) -> None:
+def linear(out: torch.Tensor, x: torch.Tensor, rows: Rows, d: MatrixDelta) -> None:
     """``out += x @ ΔWᵀ`` on ``rows`` (features on the last dimension of ``x`` and ``out``)."""
-    n = rows.numel()
-    xs = x.index_select(0, rows).reshape(-1, x.shape[-1]).index_select(1, d.in_idx)
-    corr = d.csr @ xs.float().T.contiguous()  # [|V|, n·T]
-    _put_last(out, rows, d.out_idx, corr.T.reshape(n, -1, corr.shape[0]))
+    xs = _rows(x, rows)
+    xt = xs.reshape(-1, xs.shape[-1]).T.index_select(0, d.in_idx)  # [|U|, n·T], one gather
+    corr = d.csr @ xt.float()  # [|V|, n·T]
+    o = _rows(out, rows)
+    o.view(-1, o.shape[-1]).index_add_(1, d.out_idx, corr.T.to(out.dtype))
 
 
-def vector_last(out: torch.Tensor, rows: torch.Tensor, d: VectorDelta) -> None:
+def vector_last(out: torch.Tensor, rows: Rows, d: VectorDelta) -> None:
     """``out += Δb`` on ``rows`` along the last dimension (a bias)."""
-    o3 = out.view(out.shape[0], -1, out.shape[-1])
-    v = d.values.view(1, 1, -1).expand(rows.numel(), o3.shape[1], -1)
-    _put_last(out, rows, d.idx, v)
+    o = _rows(out, rows)
+    o2 = o.view(-1, o.shape[-1])
+    o2.index_add_(1, d.idx, d.values.to(out.dtype).view(1, -1).expand(o2.shape[0], -1))
 
 
-def vector_flat(out: torch.Tensor, rows: torch.Tensor, d: VectorDelta) -> None:
+def vector_flat(out: torch.Tensor, rows: Rows, d: VectorDelta) -> None:
     """``out.view(B, -1)[rows, idx] += Δ``: a delta over a row's flattened positions (ViT's
     class and positional embeddings on the token stream ``[B, T, D]``)."""
-    flat = out.view(out.shape[0], -1)
-    v = d.values.view(1, -1).expand(rows.numel(), -1).to(out.dtype)
-    flat.index_put_((rows.view(-1, 1), d.idx.view(1, -1)), v, accumulate=True)
+    o2 = _rows(out, rows).view(rows[1], -1)
+    o2.index_add_(1, d.idx, d.values.to(out.dtype).view(1, -1).expand(rows[1], -1))
 
 
-def vector_channels(out: torch.Tensor, rows: torch.Tensor, d: VectorDelta) -> None:
+def vector_channels(out: torch.Tensor, rows: Rows, d: VectorDelta) -> None:
     """``out += Δb`` on ``rows`` along dimension 1 (a convolution's or BatchNorm's bias)."""
-    spatial = out[0, 0].numel()
-    v = d.values.view(1, -1, 1).expand(rows.numel(), -1, spatial)
-    _put_channels(out, rows, d.idx, v)
+    o3 = _rows(out, rows).view(rows[1], out.shape[1], -1)
+    v = d.values.to(out.dtype).view(1, -1, 1).expand(rows[1], -1, o3.shape[2])
+    o3.index_add_(1, d.idx, v)
 
 
 def conv(
-    out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, d: MatrixDelta, geometry: ConvGeometry
+    out: torch.Tensor, x: torch.Tensor, rows: Rows, d: MatrixDelta, geometry: ConvGeometry
 ) -> None:
     """``out += conv(x, ΔW)`` on ``rows``, as a sparse product over the input's patches (only the
     input channels the delta reads are unfolded)."""
-    n = rows.numel()
-    xs = x.index_select(0, rows).index_select(1, d.in_idx).float()
+    n = rows[1]
+    xs = _rows(x, rows).index_select(1, d.in_idx).float()
     if geometry.same:
         xs = geometry.pad(xs)
     cols = F.unfold(xs, geometry.kernel, geometry.dilation, geometry.padding, geometry.stride)
     k, length = cols.shape[1], cols.shape[2]
     corr = d.csr @ cols.transpose(0, 1).reshape(k, n * length)  # [|V|, n·L]
-    _put_channels(out, rows, d.out_idx, corr.view(-1, n, length).transpose(0, 1))
+    o3 = _rows(out, rows).view(n, out.shape[1], -1)
+    o3.index_add_(1, d.out_idx, corr.view(-1, n, length).transpose(0, 1).to(out.dtype))
 
 
 def layer_norm_weight(
-    out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, d: VectorDelta, eps: float
+    out: torch.Tensor, x: torch.Tensor, rows: Rows, d: VectorDelta, eps: float
 ) -> None:
     """``out += x̂ · Δγ`` on ``rows``, ``x̂`` the input normalised over its last dimension."""
-    xs = x.index_select(0, rows).float()
+    xs = _rows(x, rows).float()
     xhat = F.layer_norm(xs, (xs.shape[-1],), eps=eps)
-    xhat = xhat.view(rows.numel(), -1, xs.shape[-1]).index_select(2, d.idx)
-    _put_last(out, rows, d.idx, xhat * d.values)
+    xhat = xhat.reshape(-1, xs.shape[-1]).index_select(1, d.idx)
+    o = _rows(out, rows)
+    o.view(-1, o.shape[-1]).index_add_(1, d.idx, (xhat * d.values).to(out.dtype))
 
 
 def batch_norm_weight(
-    out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, d: VectorDelta, stats: BatchStats
+    out: torch.Tensor, x: torch.Tensor, rows: Rows, d: VectorDelta, stats: BatchStats
 ) -> None:
     """``out += x̂ · Δγ`` on ``rows``, ``x̂ = (x − mean) / √(var + eps)`` with the running stats
     (eval mode), only at the changed channels."""
-    xs = x.index_select(0, rows).index_select(1, d.idx).float()
+    xs = _rows(x, rows).index_select(1, d.idx).float()
     mean = stats.mean.index_select(0, d.idx).float().view(1, -1, 1, 1)
     var = stats.var.index_select(0, d.idx).float().view(1, -1, 1, 1)
     xhat = (xs - mean) * torch.rsqrt(var + stats.eps)
-    _put_channels(out, rows, d.idx, (xhat * d.values.view(1, -1, 1, 1)).flatten(2))
+    v = (xhat * d.values.view(1, -1, 1, 1)).flatten(2).to(out.dtype)
+    _rows(out, rows).view(rows[1], out.shape[1], -1).index_add_(1, d.idx, v)
+
+
+def _rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The run of batch rows ``rows = (start, count)`` of ``t``: a view, written in place."""
+    return t.narrow(0, rows[0], rows[1])
 
 
 class ConvGeometry:

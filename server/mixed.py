@@ -138,17 +138,18 @@ class Mixer:
     def applied(self, parts: Sequence[Part]) -> Iterator[None]:
         """Within the block, a forward of the tower over the parts' rows adds each part's
         correction on its rows. Hooks are removed however the block ends."""
-        rows: dict[int, tuple[Correction, list[int]]] = {}
+        runs: list[tuple[Correction, int, int]] = []  # consecutive rows of one correction
         start = 0
         for correction, n in parts:
-            if correction is not None and correction.sites:
-                rows.setdefault(id(correction), (correction, []))[1].extend(range(start, start + n))
+            if runs and runs[-1][0] is correction and runs[-1][1] + runs[-1][2] == start:
+                runs[-1] = (correction, runs[-1][1], runs[-1][2] + n)
+            elif correction is not None and correction.sites:
+                runs.append((correction, start, n))
             start += n
         work: dict[int, tuple[Site, Work]] = {}
-        for correction, idx in rows.values():
-            index = torch.tensor(idx, dtype=torch.int64, device=self.patcher.device)
+        for correction, first, count in runs:
             for site, deltas in correction.sites:
-                work.setdefault(id(site), (site, []))[1].append((index, deltas))
+                work.setdefault(id(site), (site, []))[1].append(((first, count), deltas))
         handles: list[Handle] = []
         try:
             for site, site_work in sorted(work.values(), key=lambda sw: self.order[id(sw[0])]):

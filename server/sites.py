@@ -27,8 +27,9 @@ from torch import nn
 from . import apply
 from .corrections import Delta, MatrixLayout, NotMixable, matrix_delta, vector_delta
 
-Work = list[tuple[torch.Tensor, dict[str, Delta]]]
-"""For one forward pass at one site: per task, its batch rows and its deltas by role."""
+Work = list[tuple[apply.Rows, dict[str, Delta]]]
+"""For one forward pass at one site: per run of consecutive rows of one task, the run
+``(start, count)`` and the task's deltas by role."""
 
 
 class Handle:
