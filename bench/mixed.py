@@ -99,6 +99,7 @@ def inprocess(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, A
     adapters = [fast_adapter(base, sig, f"t{i}", args.density, seed=1000 + i) for i in range(n_max)]
     engine = Engine(net, sig, device, "float32")
     prepared = [engine.prepare(fake_record(f"t{i}", f"d{i}"), a) for i, a in enumerate(adapters)]
+    calibration_load = wait_for_quiet(args.max_load, args.max_wait_s)  # as the server would start
     cost = measure_costs(engine, b)
     planner = Planner(cost, b, engine.run_mixed)
     size = native_size(net)
@@ -185,7 +186,8 @@ def inprocess(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, A
         rows.append(row)
         print("   ", json.dumps(row), flush=True)
     return {"rows": rows, "density": args.density, "batch": b, "batches_per_cell": args.batches,
-            "cost_model": vars(cost), "loads": loads, **extra}  # fmt: skip
+            "cost_model": vars(cost), "cost_model_load": calibration_load, "loads": loads,
+            **extra}  # fmt: skip
 
 
 def run(args: argparse.Namespace, result: Result) -> None:

@@ -161,16 +161,16 @@ def measure_costs(engine: Engine, max_batch: int, reps: int = 2) -> CostModel:
     b = max(2, min(max_batch, 4))
     x1, xb = torch.zeros(1, 3, size, size), torch.zeros(b, 3, size, size)
 
+    def timed_once(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        return time.perf_counter() - start
+
     def timed(fn: Callable[[], object]) -> float:
         fn()
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize(engine.device)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        return statistics.median(timed_once(fn) for _ in range(reps))
 
     one, full = timed(lambda: engine.features(x1)), timed(lambda: engine.features(xb))
     image_s = max(0.0, (full - one) / (b - 1))
@@ -188,8 +188,15 @@ def measure_costs(engine: Engine, max_batch: int, reps: int = 2) -> CostModel:
     if probe.correction is None:
         return cost
     corr = probe.correction
-    with_one = timed(lambda: engine.run_mixed([(corr, 1), (None, b - 1)], xb)) - full
-    with_all = timed(lambda: engine.run_mixed([(corr, b)], xb)) - full
+
+    def extra(parts: list[Part]) -> float:
+        """What the corrections add to the plain forward: the median difference of the two
+        timed back to back (so that drift of a shared machine hits both alike)."""
+        plain, mixed = (lambda: engine.features(xb)), (lambda: engine.run_mixed(parts, xb))
+        mixed()
+        return statistics.median(timed_once(mixed) - timed_once(plain) for _ in range(3 * reps))
+
+    with_one, with_all = extra([(corr, 1), (None, b - 1)]), extra([(corr, b)])
     per_row = max(0.0, (with_all - with_one) / (b - 1))
     fixed = max(0.0, with_one - per_row)
     return CostModel(
