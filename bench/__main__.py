@@ -20,6 +20,7 @@ QUESTIONS = {
     "http": ("bench.http_load", "HTTP vs in-process, throughput by requests in flight, many tasks"),
     "catalog": ("bench.catalog", "catalog list/filter latency with many registered adapters"),
     "determinism": ("bench.determinism", "throughput cost of the deterministic (padded) mode"),
+    "mixed": ("bench.mixed", "mixed-task batches: correction cost, against grouped swaps and PEFT"),
     "accuracy": (
         "bench.accuracy",
         "what CMKD and RST buy: seeds, paired differences, CIs (the study)",

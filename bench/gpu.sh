@@ -7,7 +7,10 @@
 # grid with ViT-B-16 on the GPU + in-process PEFT mixed batches) with --device cuda, each under a
 # timeout, and writes one JSON with both results, the machine, and the two targets checked:
 #   - deltaclip patch+restore ≤ 2 % of a batch-1 forward (every density),
-#   - 30-task HTTP throughput ≥ 95 % of single-task (large cache, uniform popularity).
+#   - 30-task HTTP throughput ≥ 95 % of single-task (large cache, uniform popularity),
+#   - issue 21 (mixed-task batches, `python -m bench mixed`): with every row a distinct task
+#     (256 tasks, uniform, full queue in process) mixed batches ≥ 0.8× the merged model and ≥ 3×
+#     grouped swaps; per-task correction ≤ 5 % of a batch-1 forward at 0.5 %, ≤ 1 % at 0.05 %.
 # A step that fails or times out is recorded in the JSON (with its log tail); the rest still run.
 # Budget: 3 + 6 minutes at most (SWAP_TIMEOUT, HTTP_TIMEOUT); both questions save partial results, so
 # a step cut by its timeout still reports what it measured.
@@ -18,6 +21,7 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-docs/bench/gpu.json}
 SWAP_TIMEOUT=${SWAP_TIMEOUT:-${ALT_TIMEOUT:-180}}
 HTTP_TIMEOUT=${HTTP_TIMEOUT:-360}
+MIXED_TIMEOUT=${MIXED_TIMEOUT:-240}
 THREADS=${THREADS:-$(nproc)}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -43,13 +47,16 @@ run_step swap "$SWAP_TIMEOUT" "$PY" -m bench swap --device cuda --threads "$THRE
 run_step http "$HTTP_TIMEOUT" "$PY" -m bench http --device cuda --base ViT-B-16 --sections grid,peft \
   --threads "$THREADS" --tasks 1,4,16,30,64,256 --peft-tasks 1,4,16,64 --requests 400 --reps 2 --peft-batches 20 \
   --max-wait-s 0 --home "$WORK/store" --out "$WORK/http.json"
+run_step mixed "$MIXED_TIMEOUT" "$PY" -m bench mixed --device cuda --base ViT-B-16 \
+  --sections correction,inprocess --threads "$THREADS" --tasks 1,4,16,30,64,256 --peft --reps 2 \
+  --batches 4 --max-batch 64 --max-wait-s 0 --out "$WORK/mixed.json"
 
 "$PY" - "$WORK" "$OUT" <<'EOF'
 import json, pathlib, sys
 
 work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 result = {"script": "bench/gpu.sh", "steps": {}}
-for name in ("swap", "http"):
+for name in ("swap", "http", "mixed"):
     rc, secs = (work / f"{name}.status").read_text().split()
     step = {"exit": int(rc), "seconds": int(secs)}
     js = work / f"{name}.json"
@@ -70,6 +77,20 @@ if http:
     if row:
         targets["tasks30_vs_single"] = row["vs_single"]
         targets["tasks30_ge_95pct"] = row["vs_single"] >= 0.95
+mixed = result.get("mixed", {})
+rows = {(r["n"], r["popularity"]): r for r in mixed.get("inprocess", {}).get("rows", [])}
+distinct = rows.get((256, "uniform"))
+if distinct:
+    targets["distinct_tasks_mixed_vs_merged"] = distinct["mixed_vs_merged"]
+    targets["distinct_tasks_mixed_vs_grouped"] = distinct["mixed_img_s"] / distinct["grouped_img_s"]
+    targets["distinct_tasks_ge_80pct"] = distinct["mixed_vs_merged"] >= 0.8
+    targets["distinct_tasks_ge_3x_grouped"] = targets["distinct_tasks_mixed_vs_grouped"] >= 3
+corr = mixed.get("correction", {}).get("rows", [])
+if corr:
+    share = {(r["density"], r["block"]): r["extra_share"] for r in corr}
+    targets["correction_share"] = {f"{d}/B{b}": s for (d, b), s in share.items()}
+    targets["correction_le_5pct_at_0.5pct"] = all(s <= 0.05 for (d, _), s in share.items() if d == 0.005)
+    targets["correction_le_1pct_at_0.05pct"] = all(s <= 0.01 for (d, _), s in share.items() if d == 0.0005)
 result["targets"] = targets
 out.write_text(json.dumps(result, indent=1))
 print(json.dumps({"targets": targets, "steps": result["steps"]}, indent=1)[:3000])

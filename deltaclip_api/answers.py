@@ -24,6 +24,11 @@ class Prediction(BaseModel):
     task: str
     version: int = Field(ge=1)
     digest: str = Field(description="SHA-256 of the adapter file that answered.")
+    path: Literal["patched", "mixed"] = Field(
+        description="How it was served: the adapter patched into the weights (bit-identical to "
+        "the merged model), or a mixed-task forward with its residual as a correction on its rows "
+        '(docs/API.md, "Predictions"); also in the X-Deltaclip-Path header.'
+    )
     predictions: list[list[Label]] = Field(description="One list per image, best label first.")
 
 

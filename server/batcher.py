@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from .metrics import Metrics
+from .planner import MIXED, Planner
 from .work import BatchFn, Call, Job, JobState, Ticket, hand_back
 
 log = logging.getLogger("deltaclip.server")
@@ -75,8 +76,10 @@ class Batcher:
         fixed_batch: int | None = None,
         between_rounds: Callable[[], None] | None = None,
         on_death: Callable[[str], None] | None = None,
+        planner: Planner | None = None,  # mixed-task forwards (server/planner.py)
     ) -> None:
         self.max_batch = max_batch
+        self._planner = planner
         self.fixed_batch = fixed_batch
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
@@ -149,14 +152,19 @@ class Batcher:
         self._metrics.queue_depth.set(self._waiting)
 
     def submit(
-        self, key: Hashable, fn: BatchFn, images: torch.Tensor, ticket: Ticket | None = None
+        self,
+        key: Hashable,
+        fn: BatchFn,
+        images: torch.Tensor,
+        ticket: Ticket | None = None,
+        mix: Any = None,
     ) -> Job:
         """Queue a job from the event loop; await ``job.future`` for the ``[N, C]`` result.
 
         ``ticket`` is the place :meth:`admit` gave; without one, a place is taken here."""
         ticket = ticket if ticket is not None else self.admit()
         loop = asyncio.get_running_loop()
-        job = Job(key, fn, images, loop.create_future(), loop, ticket)
+        job = Job(key, fn, images, loop.create_future(), loop, ticket, mix=mix)
         if self.down is not None:
             ticket.release()
             raise WorkerDown(self.down)
@@ -313,6 +321,8 @@ class Batcher:
         for job in jobs:
             groups.setdefault(job.key, deque()).append(job)
         current = self._current_key()
+        if self._planner is not None:
+            self._planner.split(groups, current)  # the groups cheaper mixed go under MIXED
         key: Hashable = current
         if current not in groups:  # the patched group first (one chunk saves a swap), then fair
             key = min(groups, key=lambda k: groups[k][0].enqueued)
@@ -320,7 +330,9 @@ class Batcher:
             chunk = self._take_chunk(groups[key])
             if not groups[key]:
                 del groups[key]
-            if chunk:
+            if chunk and key == MIXED and self._planner is not None:
+                self._planner.run(chunk, self._run_chunk)
+            elif chunk:
                 self._run_chunk(chunk)
             if groups:
                 key = min(groups, key=lambda k: groups[k][0].enqueued)

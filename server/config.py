@@ -55,6 +55,17 @@ class ServerSettings(StoreSettings):
         description="every forward pass at the fixed batch shape max_batch (padded), so an "
         "image's answer does not depend on what it is batched with",
     )
+    batch_mode: Literal["auto", "patched", "mixed"] = Field(
+        "auto",
+        description="auto: per round, the planner runs each task group patched or in mixed-task "
+        "forwards, whichever its cost model says is faster; patched: always patch (bit-exact); "
+        "mixed: mix whatever can be mixed (deterministic mode is always patched)",
+    )
+    mix_costs: dict[str, float] | None = Field(
+        None,
+        description="the planner's cost model (server/planner.py CostModel fields, seconds) "
+        "instead of measuring it at start-up",
+    )
     replica_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
         description="sent as X-Deltaclip-Replica on every response (which replica answered)",

@@ -25,8 +25,10 @@ from adapters_store.bases import BaseSignature, base_fingerprint
 from adapters_store.head import TaskHead, head_from_state
 from adapters_store.zeroshot import class_embeddings
 
+from .corrections import Correction, NotMixable
 from .images import EvalTransforms, Transform
 from .metrics import Metrics
+from .mixed import Mixer, Part
 from .patcher import FlatPatcher, PreparedResidual
 
 log = logging.getLogger("deltaclip.server")
@@ -44,11 +46,13 @@ class PreparedAdapter:
     class_names: list[str]
     head: TaskHead
     residual: PreparedResidual
+    correction: Correction | None = None  # the mixed path's form (None: patched path only)
 
     @property
     def nbytes(self) -> int:
         head = sum(t.numel() * t.element_size() for t in self.head.state_dict().values())
-        return self.residual.nbytes + head
+        mixed = self.correction.nbytes if self.correction is not None else 0
+        return self.residual.nbytes + head + mixed
 
 
 class Engine:
@@ -59,6 +63,7 @@ class Engine:
         device: str,
         dtype: str,
         metrics: Metrics | None = None,
+        mixed: bool = True,
     ) -> None:
         self.signature = signature
         self.metrics = metrics
@@ -68,6 +73,7 @@ class Engine:
         self.visual: nn.Module = net.visual.to(self.dtype)  # type: ignore[assignment]
         self.transforms = EvalTransforms(self.net)
         self.patcher = FlatPatcher(self.visual)
+        self.mixer = Mixer(self.visual, self.patcher) if mixed else None  # unmerged path
         # The identity of the weights as served (after the dtype cast): restored weights must match it.
         self.serving_fingerprint = base_fingerprint(self.net)
         self.current: PreparedAdapter | None = None
@@ -84,6 +90,13 @@ class Engine:
 
     def prepare(self, record: Any, adapter: Adapter) -> PreparedAdapter:
         head = head_from_state(adapter.head).to(self.device)
+        correction = None
+        if self.mixer is not None:
+            try:
+                correction = self.mixer.prepare(adapter.residual)
+            except NotMixable as exc:
+                log.info("%s v%s is served by the patched path only: %s",
+                         record.task, record.version, exc)  # fmt: skip
         return PreparedAdapter(
             task=record.task,
             version=record.version,
@@ -91,6 +104,7 @@ class Engine:
             class_names=list(adapter.meta.class_names),
             head=head,
             residual=self.patcher.prepare(adapter),
+            correction=correction,
         )
 
     def _switch(self, target: PreparedAdapter | None) -> None:
@@ -148,15 +162,36 @@ class Engine:
     def run(self, adapter: PreparedAdapter, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[N, C]`` of ``adapter``'s task for a batch of images."""
         self._switch(adapter)
-        return adapter.head(self.features(images)).softmax(-1).cpu()
+        return self.head_probs(adapter, self.features(images))
 
     @torch.inference_mode()
     def run_zero_shot(self, text_embeddings: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Probabilities of the base's text head (CLIP zero-shot) over the given label embeddings."""
         self._switch(None)
-        z = nn.functional.normalize(self.features(images), dim=-1)
+        return self.zero_shot_probs(text_embeddings, self.features(images))
+
+    @torch.inference_mode()
+    def head_probs(self, adapter: PreparedAdapter, features: torch.Tensor) -> torch.Tensor:
+        return adapter.head(features).softmax(-1).cpu()
+
+    @torch.inference_mode()
+    def zero_shot_probs(
+        self, text_embeddings: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        z = nn.functional.normalize(features, dim=-1)
         scale = self.net.logit_scale.exp().float()  # type: ignore[operator]
         return (scale * z @ text_embeddings.to(self.device).T).softmax(-1).cpu()
+
+    @torch.inference_mode()
+    def run_mixed(self, parts: list[Part], images: torch.Tensor) -> torch.Tensor:
+        """Image features ``[N, D]`` (float32) of one forward of the untouched base over rows of
+        several tasks, each part's correction added on its rows (docs/API.md: what is exact).
+        The base is restored first if an adapter is patched; the live weights are only read."""
+        if self.mixer is None:
+            raise NotMixable("the mixed path is off")
+        self._switch(None)
+        with self.mixer.applied(parts):
+            return self.features(images)
 
     def restore_base(self) -> None:
         self._switch(None)

@@ -30,6 +30,7 @@ from .engine import Engine
 from .errors import NotReady
 from .images import ImageLimits, Preprocessor
 from .metrics import Metrics
+from .planner import CostModel, Planner, measure_costs, rows_counter
 
 log = logging.getLogger("deltaclip.server")
 
@@ -64,6 +65,7 @@ class Runtime:
             "Model worker threads restarted after dying",
             registry=self.metrics.registry,
         )
+        self.rows_served = rows_counter(self.metrics.registry)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # background tasks (strong references)
 
@@ -87,9 +89,11 @@ class Runtime:
             t0 = time.perf_counter()
             net = await asyncio.to_thread(build_base, s.base_model, s.base_pretrained)
             sig = await asyncio.to_thread(signature_of, net, s.base_model, s.base_pretrained)
+            mixing = s.batch_mode != "patched" and not s.deterministic
             engine = await asyncio.to_thread(
-                Engine, net, sig, s.resolved_device, s.dtype, self.metrics
+                Engine, net, sig, s.resolved_device, s.dtype, self.metrics, mixing
             )
+            planner = await asyncio.to_thread(self._planner, engine) if mixing else None
         except Exception as exc:
             # Clients learn that it failed; the detail (it may name files) goes to the log only.
             self.load_error = "the base model failed to load; see the server log"
@@ -112,6 +116,7 @@ class Runtime:
             s.max_batch if s.deterministic else None,  # deterministic: one forward shape
             between_rounds=self.check.between_rounds,
             on_death=self._worker_died,
+            planner=planner,
         )
         batcher.start()
         await self.refresh_pins()
@@ -189,6 +194,22 @@ class Runtime:
         batcher.restart()
         self.worker_restarts.inc()
         log.warning("model worker restarted with a verified base")
+
+    def _planner(self, engine: Engine) -> Planner | None:
+        """The mixed-task planner, its cost model configured or measured now (before the worker
+        exists, so on this thread); None (patched only) if the measurement fails."""
+        s = self.settings
+        try:
+            cost = CostModel(**s.mix_costs) if s.mix_costs else measure_costs(engine, s.max_batch)
+        except Exception as exc:
+            log.error(
+                "no mixed-task planner (serving patched only): %s: %s", type(exc).__name__, exc
+            )
+            engine.reset()
+            return None
+        log.info("mixed-task planner, %s cost model: %s",
+                 "configured" if s.mix_costs else "measured", cost)  # fmt: skip
+        return Planner(cost, s.max_batch, engine.run_mixed, always=s.batch_mode == "mixed")
 
     def _current_key(self) -> Hashable:
         current = self.engine.current if self.engine is not None else None

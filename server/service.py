@@ -32,8 +32,9 @@ from .baseproof import BaseProof
 from .batcher import Batcher, CallTimeout, QueueFull, WorkerDown
 from .config import ServerSettings
 from .errors import NotReady, Overloaded, Timeout
+from .planner import MixSpec
 from .runtime import Runtime, Serving
-from .work import BatchFn, Ticket
+from .work import BatchFn, Job, Ticket
 
 log = logging.getLogger("deltaclip.server")
 
@@ -54,6 +55,7 @@ class Prediction:
     record: AdapterRecord
     class_names: list[str]
     probs: torch.Tensor
+    path: str = "patched"  # "mixed" when any image rode in a mixed-task forward
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,10 @@ class Service:
         alias: str | None,
         read: ReadImages,
         gone: Gone | None = None,
+        exact: bool = False,
     ) -> Prediction:
         """Resolve the task's adapter, decode the images at its training size and run them.
+        ``exact``: only the patched path may serve it (bit-identical to the merged model).
 
         The store refuses a version and an alias together (400 ``invalid_request``)."""
         start = time.perf_counter()
@@ -116,11 +120,16 @@ class Service:
             files = await read()
             images = await asyncio.to_thread(serving.images.batch, files, record.train_config)
             run = partial(serving.engine.run, prepared)
-            probs = await self._infer(serving.batcher, ticket, prepared.digest, run, images, gone)
+            mix = None
+            if not exact and prepared.correction is not None:
+                mix = MixSpec(prepared.correction, partial(serving.engine.head_probs, prepared))
+            job = await self._infer(
+                serving.batcher, ticket, prepared.digest, run, images, gone, mix
+            )
         self.runtime.metrics.request_latency.labels(task=record.task).observe(
             time.perf_counter() - start
         )
-        return Prediction(record, prepared.class_names, probs)
+        return Prediction(record, prepared.class_names, job.future.result(), job.path)
 
     async def zero_shot(
         self, labels: list[str], read: ReadImages, gone: Gone | None = None
@@ -140,7 +149,11 @@ class Service:
             files = await read()
             images = await asyncio.to_thread(serving.images.batch, files)
             run = partial(serving.engine.run_zero_shot, emb)
-            return await self._infer(serving.batcher, ticket, ("zero-shot", key), run, images, gone)
+            mix = MixSpec(None, partial(serving.engine.zero_shot_probs, emb))  # base rows
+            job = await self._infer(
+                serving.batcher, ticket, ("zero-shot", key), run, images, gone, mix
+            )
+            return job.future.result()
 
     @contextlib.contextmanager
     def _admitted(self, serving: Serving) -> Iterator[Ticket]:
@@ -166,11 +179,13 @@ class Service:
         fn: BatchFn,
         images: torch.Tensor,
         gone: Gone | None,
-    ) -> torch.Tensor:
-        """Queue the images for the model worker; 504 on timeout. A job whose caller is
-        cancelled, times out or disconnects is dropped before it runs."""
+        mix: MixSpec | None = None,
+    ) -> Job:
+        """Queue the images for the model worker; the job comes back answered (its future holds
+        the probabilities, ``path`` the path that served it); 504 on timeout. A job whose caller
+        is cancelled, times out or disconnects is dropped before it runs."""
         try:
-            job = batcher.submit(key, fn, images, ticket)
+            job = batcher.submit(key, fn, images, ticket, mix)
         except WorkerDown as exc:
             raise NotReady(f"the server is not ready: {exc}") from None
         timeout = self.settings.request_timeout_s
@@ -187,10 +202,11 @@ class Service:
                     raise ClientDisconnect
                 raise Timeout(f"no answer within {timeout:g}s")
             try:
-                result: torch.Tensor = job.future.result()
+                job.future.result()
             except WorkerDown as exc:
                 raise NotReady(f"the server is not ready: {exc}") from None
-            return result
+            self.runtime.rows_served.labels(path=job.path).inc(images.shape[0])
+            return job
         except asyncio.CancelledError:
             if not batcher.drop(job):
                 job.future.add_done_callback(_consume)

@@ -57,6 +57,8 @@ class Job:
     ticket: Ticket
     state: JobState = JobState.QUEUED
     enqueued: float = field(default_factory=time.perf_counter)
+    mix: Any = None  # a planner.MixSpec when the job may ride in a mixed forward
+    path: str = "patched"  # the path that answered: "patched" or "mixed"
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 
@@ -87,20 +87,29 @@ def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[list[Label]]:
 )  # fmt: skip
 async def predict(
     request: Request,
+    response: Response,
     service: ServiceDep,
     task: Annotated[str, Query(pattern=NAME_PATTERN, description="task name")],
     version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     alias: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
+    exact: Annotated[
+        bool,
+        Query(description="serve by the patched path only (bit-identical to the merged model)"),
+    ] = False,
 ) -> Prediction:
-    """Answers with the adapter that was used (task, version, digest) and, per image, the top-k labels."""
+    """Answers with the adapter that was used (task, version, digest), the path that served
+    it (``patched`` or ``mixed``, also in ``X-Deltaclip-Path``) and, per image, the top-k labels."""
     read = _image_reader(request, service.settings.max_images)
-    result = await service.classify(task, version, alias, read, _disconnect_watcher(request))
+    gone = _disconnect_watcher(request)
+    result = await service.classify(task, version, alias, read, gone, exact=exact)
     record = result.record
+    response.headers["X-Deltaclip-Path"] = result.path
     return Prediction(
         task=record.task,
         version=record.version,
         digest=record.digest,
+        path=result.path,
         predictions=_top_k(result.probs, result.class_names, top_k),
     )
 
