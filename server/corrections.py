@@ -128,21 +128,27 @@ def matrix_delta(
         tap = rem % layout.taps
         group = out // (layout.out_features // layout.groups)
         inp = group * layout.in_per_group + rem // layout.taps
-    out_idx, row = torch.unique(out, return_inverse=True)
     in_idx, col = torch.unique(inp, return_inverse=True)
-    size = (int(out_idx.numel()), int(in_idx.numel()) * layout.taps)
-    index = torch.stack([row, col * layout.taps + tap])
+    col = col * layout.taps + tap
     with warnings.catch_warnings():  # torch calls its sparse CSR support "beta" on every use
         warnings.simplefilter("ignore", UserWarning)
-        coo = torch.sparse_coo_tensor(index, delta, size, check_invariants=False)
-        csr = coo.coalesce().to_sparse_csr()
+        if layout.transposed:  # positions are column-major here: sort through COO
+            out_idx, row = torch.unique(out, return_inverse=True)
+            size = (int(out_idx.numel()), int(in_idx.numel()) * layout.taps)
+            coo = torch.sparse_coo_tensor(
+                torch.stack([row, col]), delta, size, check_invariants=False
+            )
+            csr = coo.coalesce().to_sparse_csr()
+            crow, col, delta = csr.crow_indices(), csr.col_indices(), csr.values()
+        else:  # increasing positions: rows in order, columns increasing within a row already
+            out_idx, counts = torch.unique_consecutive(out, return_counts=True)
+            size = (int(out_idx.numel()), int(in_idx.numel()) * layout.taps)
+            crow = torch.zeros(size[0] + 1, dtype=torch.int64)
+            crow[1:] = counts.cumsum(0)
         csr = torch.sparse_csr_tensor(
-            csr.crow_indices().to(torch.int32),
-            csr.col_indices().to(torch.int32),
-            csr.values().contiguous(),
-            size,
+            crow.to(torch.int32), col.to(torch.int32), delta.contiguous(), size,
             check_invariants=False,
-        )
+        )  # fmt: skip
     return MatrixDelta(_i32(out_idx, device), _i32(in_idx, device), csr.to(device), layout.taps)
 
 

@@ -120,15 +120,20 @@ class Mixer:
                 raise NotMixable(f"{key}: {self.unsupported.get(key, 'not a tower parameter')}")
             site, role = self.by_key[key]
             dtype, start, numel = self.patcher.offsets[key]
-            if res.block_size > 1:
-                pos, values = res.positions(numel)
-            else:
-                pos, values = res.indices.to(torch.int64), res.values
+            pos, values = res.indices.to(torch.int64), res.values
+            if res.block_size > 1:  # every position of each block, up to the parameter's end
+                b = res.block_size
+                pos = (pos[:, None] * b + torch.arange(b)).reshape(-1)
+                inside = int(torch.searchsorted(pos, numel))  # increasing: a tail block is last
+                pos, values = pos[:inside], values.reshape(-1)[:inside]
             base = self.patcher.pristine[dtype].index_select(0, pos + start)
             keep, delta = effective_delta(base, values)
-            if not bool(keep.any()):
-                continue
-            d = site.delta(role, pos[keep], delta[keep], self.patcher.device)
+            if not bool(keep.all()):  # (a boolean-mask index is ~100x slower than this here)
+                sel = torch.nonzero(keep).flatten()
+                if sel.numel() == 0:
+                    continue
+                pos, delta = pos.index_select(0, sel), delta.index_select(0, sel)
+            d = site.delta(role, pos, delta, self.patcher.device)
             out.deltas[key] = d
             by_site.setdefault(id(site), (site, {}))[1][role] = d
         out.sites = sorted(by_site.values(), key=lambda sd: self.order[id(sd[0])])

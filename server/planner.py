@@ -131,7 +131,15 @@ class Planner:
 
     def run(self, chunk: list[Job], patched: Callable[[list[Job]], None]) -> None:
         """One mixed forward for the chunk; a chunk of one task runs patched instead (exact at
-        no extra cost), and if the mixed forward fails, each job is retried alone, patched."""
+        no extra cost), and if the mixed forward fails, each job is retried alone, patched.
+        Images of different sizes (adapters trained at other sizes) run in one forward per size."""
+        by_size: dict[tuple[int, ...], list[Job]] = {}
+        for job in chunk:
+            by_size.setdefault(tuple(job.images.shape[1:]), []).append(job)
+        if len(by_size) > 1:
+            for part in by_size.values():
+                self.run(part, patched)
+            return
         if len({job.key for job in chunk}) < 2:
             patched(chunk)
             return

@@ -60,6 +60,30 @@ def test_one_mixable_group_alone_is_not_mixed() -> None:
     assert set(groups) == {"a", "b"}
 
 
+def test_a_chunk_of_two_image_sizes_runs_one_mixed_forward_per_size() -> None:
+    """Adapters trained at different image sizes cannot share a forward: one per size, each
+    mixed when it holds two tasks, patched when it holds one."""
+    shapes: list[tuple[int, ...]] = []
+
+    def run_mixed(parts, images):  # type: ignore[no-untyped-def]
+        shapes.append(tuple(images.shape))
+        return images.flatten(1)[:, :2]
+
+    patched: list[list[Job]] = []
+    loop = asyncio.new_event_loop()  # answers are handed to it (not run: nobody awaits them)
+    spec = MixSpec(None, lambda f: f)
+    jobs = [
+        Job(k, lambda x: x, torch.zeros(1, 3, s, s), loop.create_future(), loop, None, mix=spec)  # type: ignore[arg-type]
+        for k, s in [("a", 8), ("b", 16), ("c", 8), ("d", 32)]
+    ]
+    planner = Planner(FREE_MIX, 16, run_mixed, always=True)
+    planner.run(jobs, patched.append)
+    assert sorted(shapes) == [(2, 3, 8, 8)]
+    assert sorted(j.key for chunk in patched for j in chunk) == ["b", "d"]
+    assert [j.path for j in jobs] == ["mixed", "patched", "mixed", "patched"]
+    loop.close()
+
+
 @pytest.fixture
 def engine(tiny: tuple[nn.Module, BaseSignature]) -> Engine:
     return Engine(copy.deepcopy(tiny[0]), tiny[1], "cpu", "float32")
