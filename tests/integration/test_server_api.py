@@ -428,6 +428,7 @@ def test_the_openapi_check_refuses_answers_the_document_does_not_declare(client)
         "task": "t",
         "version": 1,
         "digest": "d",
+        "path": "patched",
         "predictions": [[{"label": "a", "score": 0.5}]],
     }
     check_against_openapi(client.app, httpx.Response(200, json=good, request=request))
