@@ -61,8 +61,9 @@ class Scorer:
         out: dict[str, Any] = {}
         try:
             for name, folder in folders.items():
-                data = folder_data(folder, adapter.meta.class_names, self.net, self.image_size,
-                                   100, 0)  # fmt: skip
+                data = folder_data(
+                    folder, adapter.meta.class_names, self.net, self.image_size, 100, 0
+                )
                 preds, labels = predictions(
                     data.loader, lambda x: {"task": head(encode(x).float())}, torch.device("cpu")
                 )
@@ -83,18 +84,48 @@ def train_argv(spec: dict[str, Any]) -> list[str]:
     """``deltaclip train`` arguments of the run (recorded with its row)."""
     s, work = spec["setting"], Path(spec["work"])
     argv = [
-        "--source", spec["folders"]["photo"], "--target", spec["folders"][spec["shift"]],
-        "--task", f"study-{spec['key']}".replace("/", "-").replace(".", "_"),
-        "--method", s["method"], "--tau", f"{s['tau']:g}",
-        "--base-model", EFFLITE0[0], "--base-pretrained", EFFLITE0[1],
-        "--epochs", "1", "--iters", str(spec["steps"]), "--batch-size", str(spec["batch_size"]),
-        "--lr", f"{spec['lr']:g}", "--head-lr-mult", f"{spec['head_lr'] / spec['lr']:g}",
-        "--image-size", str(spec["image_size"]), "--seed", str(spec["seed"]),
-        "--workers", "0", "--threads", str(spec["threads"]),
-        "--home", str(work / "home"), "--run-dir", str(work / "runs" / spec["key"]),
-        "--output", str(work / "adapters" / f"{spec['key'].replace('/', '_')}.safetensors"),
-        "--no-register", "--restart", "--no-progress",
-    ]  # fmt: skip
+        "--source",
+        spec["folders"]["photo"],
+        "--target",
+        spec["folders"][spec["shift"]],
+        "--task",
+        f"study-{spec['key']}".replace("/", "-").replace(".", "_"),
+        "--method",
+        s["method"],
+        "--tau",
+        f"{s['tau']:g}",
+        "--base-model",
+        EFFLITE0[0],
+        "--base-pretrained",
+        EFFLITE0[1],
+        "--epochs",
+        "1",
+        "--iters",
+        str(spec["steps"]),
+        "--batch-size",
+        str(spec["batch_size"]),
+        "--lr",
+        f"{spec['lr']:g}",
+        "--head-lr-mult",
+        f"{spec['head_lr'] / spec['lr']:g}",
+        "--image-size",
+        str(spec["image_size"]),
+        "--seed",
+        str(spec["seed"]),
+        "--workers",
+        "0",
+        "--threads",
+        str(spec["threads"]),
+        "--home",
+        str(work / "home"),
+        "--run-dir",
+        str(work / "runs" / spec["key"]),
+        "--output",
+        str(work / "adapters" / f"{spec['key'].replace('/', '_')}.safetensors"),
+        "--no-register",
+        "--restart",
+        "--no-progress",
+    ]
     if s.get("max_density") is not None:
         argv += ["--max-density", f"{s['max_density']:g}"]
     return argv + list(s.get("extra", ()))
@@ -126,17 +157,31 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         **{k: spec[k] for k in ("key", "shift", "seed")},
         "setting": spec["setting"]["key"],
         "scores": scores,
-        **{k: m[k] for k in ("target_accuracy", "target_teacher_accuracy", "target_images",
-                             "source_images", "nnz", "density", "snapped_weights", "steps")},
+        **{
+            k: m[k]
+            for k in (
+                "target_accuracy",
+                "target_teacher_accuracy",
+                "target_images",
+                "source_images",
+                "nnz",
+                "density",
+                "snapped_weights",
+                "steps",
+            )
+        },
         "loss_terms": m.get("loss_terms"),
         "loss_terms_last_step": m.get("loss_terms_last_step"),
-        "eligible": scorer.tower_numel, "adapter_bytes": file_bytes, "dense_bytes": dense_bytes,
+        "eligible": scorer.tower_numel,
+        "adapter_bytes": file_bytes,
+        "dense_bytes": dense_bytes,
         "stored_bytes": dense_bytes if full else file_bytes,
         "stored_as": "dense float32 tower + head" if full else "v1 adapter file",
         "adapter_path": None if full and not spec.get("keep_dense") else str(adapter),
-        "train_seconds": round(train_s, 1), "score_seconds": round(score_s, 1),
+        "train_seconds": round(train_s, 1),
+        "score_seconds": round(score_s, 1),
         "argv": ["deltaclip", "train", *argv],
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

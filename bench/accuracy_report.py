@@ -32,8 +32,11 @@ RETENTION_TARGET = 0.97
 
 
 def _rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in data.get("settings", []) if any(
-        r["setting"] == s["key"] for r in data.get("runs", {}).values())]  # fmt: skip
+    return [
+        s
+        for s in data.get("settings", [])
+        if any(r["setting"] == s["key"] for r in data.get("runs", {}).values())
+    ]
 
 
 def _cell(iv: Interval | None, signed: bool = False) -> str:
@@ -48,9 +51,11 @@ def accuracy_table(data: dict[str, Any]) -> str:
     teacher = data.get("teacher", {})
     if all(f"test-{s}" in teacher for s in shifts):
         accs = [teacher[f"test-{s}"]["accuracy"] for s in shifts]
-        lines.append("| teacher: the base zero-shot (no training) | – | "
-                     + " | ".join(f"{100 * a:.1f}" for a in accs)
-                     + f" | {100 * sum(accs) / len(accs):.1f} | – | – |")  # fmt: skip
+        lines.append(
+            "| teacher: the base zero-shot (no training) | – | "
+            + " | ".join(f"{100 * a:.1f}" for a in accs)
+            + f" | {100 * sum(accs) / len(accs):.1f} | – | – |"
+        )
     for s in _rows(data):
         per = [accuracy(runs, shift, s["key"]) for shift in shifts]
         mean = mean_over_shifts(runs, shifts, s["key"])
@@ -58,24 +63,34 @@ def accuracy_table(data: dict[str, Any]) -> str:
         density = sum(r["density"] for r in mine) / len(mine)
         stored = sum(r["stored_bytes"] for r in mine) / len(mine)
         cells = [_cell(interval(list(p.values())) if p else None) for p in per]
-        lines.append(f"| {s['label']} | {len(mean) or '–'} | " + " | ".join(cells)
-                     + f" | {_cell(interval(list(mean.values())) if mean else None)} "
-                     f"| {density:.4%} | {stored:,.0f} |")  # fmt: skip
+        lines.append(
+            f"| {s['label']} | {len(mean) or '–'} | "
+            + " | ".join(cells)
+            + f" | {_cell(interval(list(mean.values())) if mean else None)} "
+            f"| {density:.4%} | {stored:,.0f} |"
+        )
     return "\n".join(lines)
 
 
 def difference_table(data: dict[str, Any]) -> str:
     """Each row minus source-only, paired by seed: mean ± 95 % CI; pooled McNemar."""
     shifts, runs = data["config"]["shifts"], data["runs"]
-    head = ["row − source-only", "seeds", *shifts, "mean of shifts", "CI excludes 0",
-            "McNemar (pooled): row only / source-only only, p"]  # fmt: skip
+    head = [
+        "row − source-only",
+        "seeds",
+        *shifts,
+        "mean of shifts",
+        "CI excludes 0",
+        "McNemar (pooled): row only / source-only only, p",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in _rows(data):
         if s["key"] == BASELINE:
             continue
         per = [paired(accuracy(runs, sh, s["key"]), accuracy(runs, sh, BASELINE)) for sh in shifts]
-        mean = paired(mean_over_shifts(runs, shifts, s["key"]),
-                      mean_over_shifts(runs, shifts, BASELINE))  # fmt: skip
+        mean = paired(
+            mean_over_shifts(runs, shifts, s["key"]), mean_over_shifts(runs, shifts, BASELINE)
+        )
         test = mcnemar(runs, shifts, s["key"], BASELINE)
         excl = (
             "–"
@@ -83,9 +98,11 @@ def difference_table(data: dict[str, Any]) -> str:
             else ("yes" if mean.excludes_zero else "no")
         )
         mc = "–" if test is None else f"{test.a_only} / {test.b_only}, p = {test.p:.2g}"
-        lines.append(f"| {s['label']} | {mean.n if mean else '–'} | "
-                     + " | ".join(_cell(iv, True) for iv in per)
-                     + f" | {_cell(mean, True)} | {excl} | {mc} |")  # fmt: skip
+        lines.append(
+            f"| {s['label']} | {mean.n if mean else '–'} | "
+            + " | ".join(_cell(iv, True) for iv in per)
+            + f" | {_cell(mean, True)} | {excl} | {mc} |"
+        )
     return "\n".join(lines)
 
 
@@ -106,8 +123,10 @@ def retention_candidates(data: dict[str, Any]) -> tuple[list[dict[str, Any]], st
     keys = [base] + [s["key"] for s in data.get("settings", []) if s.get("variant_of") == base]
     seeds_of = [set(mean_over_shifts(runs, shifts, k)) for k in keys]
     common = set.intersection(*seeds_of) if seeds_of else set()
-    out = [{"key": k, "seeds": sorted(common), "source_val": source_val(runs, shifts, k, common)}
-           for k in keys]  # fmt: skip
+    out = [
+        {"key": k, "seeds": sorted(common), "source_val": source_val(runs, shifts, k, common)}
+        for k in keys
+    ]
     if any(c["source_val"] is None for c in out):
         return out, None
     return out, max(out, key=lambda c: c["source_val"])["key"]
@@ -131,8 +150,9 @@ def retention_table(data: dict[str, Any]) -> str:
         )
         mark = " **(chosen)**" if c["key"] == chosen else ""
         tgt = _cell(interval(list(mine.values())) if mine else None)
-        lines.append(f"| {labels.get(c['key'], c['key'])}{mark} | {sv} | {tgt} "
-                     f"| {_cell(ratio(mine, ft))} |")  # fmt: skip
+        lines.append(
+            f"| {labels.get(c['key'], c['key'])}{mark} | {sv} | {tgt} | {_cell(ratio(mine, ft))} |"
+        )
     return "\n".join(lines)
 
 
@@ -142,20 +162,34 @@ def verdicts(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a, b, claim in CLAIMS:
         iv = paired(mean_over_shifts(runs, shifts, a), mean_over_shifts(runs, shifts, b))
-        out[claim] = None if iv is None else {
-            "difference": iv.mean, "ci95": iv.half, "seeds": iv.n,
-            "resolved": iv.excludes_zero, "holds": bool(iv.excludes_zero and iv.mean > 0),
-        }  # fmt: skip
+        out[claim] = (
+            None
+            if iv is None
+            else {
+                "difference": iv.mean,
+                "ci95": iv.half,
+                "seeds": iv.n,
+                "resolved": iv.excludes_zero,
+                "holds": bool(iv.excludes_zero and iv.mean > 0),
+            }
+        )
     _, chosen = retention_candidates(data)
     rst_key = chosen or RETENTION[0]
     rst, ft = mean_over_shifts(runs, shifts, rst_key), mean_over_shifts(runs, shifts, RETENTION[1])
     iv = ratio(rst, ft)
-    out["RST ≤ 0.5 % keeps ≥ 97 % of CMKD full fine-tuning"] = None if iv is None else {
-        "row": rst_key, "chosen_on_source_val": chosen is not None,
-        "retention": iv.mean, "ci95": iv.half, "seeds": iv.n,
-        "met": iv.mean >= RETENTION_TARGET,
-        "resolved": None if iv.half is None else abs(iv.mean - RETENTION_TARGET) > iv.half,
-    }  # fmt: skip
+    out["RST ≤ 0.5 % keeps ≥ 97 % of CMKD full fine-tuning"] = (
+        None
+        if iv is None
+        else {
+            "row": rst_key,
+            "chosen_on_source_val": chosen is not None,
+            "retention": iv.mean,
+            "ci95": iv.half,
+            "seeds": iv.n,
+            "met": iv.mean >= RETENTION_TARGET,
+            "resolved": None if iv.half is None else abs(iv.mean - RETENTION_TARGET) > iv.half,
+        }
+    )
     return out
 
 
@@ -166,16 +200,28 @@ def verdict_text(data: dict[str, Any]) -> str:
             lines.append(f"- {claim}: no paired runs yet")
         elif "retention" in v:
             ci = "" if v["ci95"] is None else f" ± {100 * v['ci95']:.1f}"
-            lines.append(f"- {claim} ({v['row']}): retention {100 * v['retention']:.1f}{ci} % over {v['seeds']} "
-                         f"seeds: target {'met' if v['met'] else 'missed'}"
-                         + ("" if v["resolved"] else " (no CI from one seed)" if v["ci95"] is None
-                            else " (the CI includes 97 %: not resolved)"))  # fmt: skip
+            lines.append(
+                f"- {claim} ({v['row']}): retention {100 * v['retention']:.1f}{ci} % over {v['seeds']} "
+                f"seeds: target {'met' if v['met'] else 'missed'}"
+                + (
+                    ""
+                    if v["resolved"]
+                    else " (no CI from one seed)"
+                    if v["ci95"] is None
+                    else " (the CI includes 97 %: not resolved)"
+                )
+            )
         else:
             ci = "" if v["ci95"] is None else f" ± {100 * v['ci95']:.1f}"
-            state = ("resolved: it holds" if v["holds"] else "resolved: it does not hold"
-                     ) if v["resolved"] else "not resolved (the CI includes 0)"  # fmt: skip
-            lines.append(f"- {claim}: {100 * v['difference']:+.1f}{ci} points on the mean of "
-                         f"shifts over {v['seeds']} paired seeds: {state}")  # fmt: skip
+            state = (
+                ("resolved: it holds" if v["holds"] else "resolved: it does not hold")
+                if v["resolved"]
+                else "not resolved (the CI includes 0)"
+            )
+            lines.append(
+                f"- {claim}: {100 * v['difference']:+.1f}{ci} points on the mean of "
+                f"shifts over {v['seeds']} paired seeds: {state}"
+            )
     return "\n".join(lines)
 
 
@@ -203,19 +249,33 @@ def plot(data: dict[str, Any], path: Path) -> None:
         iv = interval(list(mean.values()))
         mine = [r for r in runs.values() if r["setting"] == s["key"]]
         x = sum(r["stored_bytes"] for r in mine) / len(mine)
-        ax.errorbar(x, 100 * iv.mean, yerr=None if iv.half is None else 100 * iv.half, fmt="o",
-                    capsize=3, label=f"{s['label']} ({iv.n} seeds)")  # fmt: skip
+        ax.errorbar(
+            x,
+            100 * iv.mean,
+            yerr=None if iv.half is None else 100 * iv.half,
+            fmt="o",
+            capsize=3,
+            label=f"{s['label']} ({iv.n} seeds)",
+        )
     ft = mean_over_shifts(runs, shifts, RETENTION[1])
     if ft:
-        ax.axhline(100 * RETENTION_TARGET * sum(ft.values()) / len(ft), ls="--", c="tab:red",
-                   lw=0.8, label="97 % of CMKD full fine-tuning")  # fmt: skip
+        ax.axhline(
+            100 * RETENTION_TARGET * sum(ft.values()) / len(ft),
+            ls="--",
+            c="tab:red",
+            lw=0.8,
+            label="97 % of CMKD full fine-tuning",
+        )
     cfg = data["config"]
     ax.set_xscale("log")
     ax.set_xlabel("stored bytes per task (log scale; full fine-tunes as a dense float32 tower)")
     ax.set_ylabel(f"held-out target accuracy, mean of {len(shifts)} shifts (%), 95 % CI over seeds")
     lr = data.get("selection", {}).get("lr")
-    ax.set_title(f"deltaclip-efflite0/imagenet, Fashion-MNIST photo → {', '.join(shifts)}; "
-                 f"{cfg['steps']} steps, {cfg['image_size']} px, lr {lr}", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"deltaclip-efflite0/imagenet, Fashion-MNIST photo → {', '.join(shifts)}; "
+        f"{cfg['steps']} steps, {cfg['image_size']} px, lr {lr}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -239,5 +299,7 @@ def report(data: dict[str, Any], plot_path: Path) -> None:
     print()
     print(verdict_text(data))
     plot(data, plot_path)
-    print(f"\nplot: {plot_path}; runs: {len(data['runs'])}, failures: {len(data.get('failures', []))}, "
-          f"run time recorded: {data.get('study_seconds', 0):,.0f} s")  # fmt: skip
+    print(
+        f"\nplot: {plot_path}; runs: {len(data['runs'])}, failures: {len(data.get('failures', []))}, "
+        f"run time recorded: {data.get('study_seconds', 0):,.0f} s"
+    )

@@ -34,9 +34,15 @@ def stage(name: str) -> str:
         return f"block stage {m.group(1)}"
     if m := re.search(r"\.resblocks\.(\d+)\.", name):
         return f"layer {m.group(1)}"
-    for key, label in (("conv_stem", "stem"), ("bn1", "stem"), ("conv1", "stem"),
-                       ("conv_head", "head conv"), ("bn2", "head conv"),
-                       ("classifier", "projection"), ("proj", "projection")):  # fmt: skip
+    for key, label in (
+        ("conv_stem", "stem"),
+        ("bn1", "stem"),
+        ("conv1", "stem"),
+        ("conv_head", "head conv"),
+        ("bn2", "head conv"),
+        ("classifier", "projection"),
+        ("proj", "projection"),
+    ):
         if f".{key}" in name or name.endswith(key):
             return label
     return name.rsplit(".", 1)[0]
@@ -79,8 +85,11 @@ def analyse(paths: list[Path]) -> dict[str, Any]:
         )
         entry["density"] = sum(entry["changed"]) / len(paths) / entry["numel"]
     ordered = sorted(groups, key=lambda g: not g.startswith("stage:"))  # stages, then kinds
-    return {"adapters": [str(p) for p in paths], "changed": totals,
-            "groups": {g: groups[g] for g in ordered}}  # fmt: skip
+    return {
+        "adapters": [str(p) for p in paths],
+        "changed": totals,
+        "groups": {g: groups[g] for g in ordered},
+    }
 
 
 def plot(result: dict[str, Any], title: str, path: Path) -> None:
@@ -124,8 +133,10 @@ def run(args: argparse.Namespace, result: Result) -> None:
         raise SystemExit(f"no kept adapters of {args.setting} in {args.study}")
     out = analyse(paths)
     result["setting"], result["layers"] = args.setting, out
-    print(f"{args.setting}: {len(paths)} adapters, {sum(out['changed']) / len(paths):,.0f} changed "
-          "weights on average")  # fmt: skip
+    print(
+        f"{args.setting}: {len(paths)} adapters, {sum(out['changed']) / len(paths):,.0f} changed "
+        "weights on average"
+    )
     print("| group | weights | share of changed (mean) | density |")
     print("|---|---|---|---|")
     for g, v in out["groups"].items():
