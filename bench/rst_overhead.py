@@ -2,7 +2,7 @@
 
     python -m bench rst_overhead [--steps 8] [--warmup 2] [--batch-size 32]
 
-A real ``trainer.session.Session`` on ``--base`` (default ``deltaclip-efflite0``, the ImageNet-
+A real ``trainer.step.Session`` on ``--base`` (default ``deltaclip-efflite0``, the ImageNet-
 pretrained offline base), the default CMKD configuration (batch of source + target images at the
 base's image size), random image tensors (the step's cost does not depend on pixel values). Three
 variants, interleaved step by step so machine drift hits all alike:
@@ -34,7 +34,7 @@ from adapters_store.zeroshot import class_embeddings
 from bench.harness import Result, add_common, base_spec, load_base, median, time_once
 from trainer.config import TrainConfig
 from trainer.model import logit_scale_of, tower_kind
-from trainer.session import Session
+from trainer.step import Session
 from trainer.transforms import image_size_of
 
 # Ten everyday nouns, so the default base's WordNet text side can place every one.

@@ -164,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "      classifier read through WordNet (`deltaclip base labels` shows how; docs/METHOD.md §8)"
     )
     from trainer import main as train_main
-    from trainer.cli import loss_terms_line
+    from trainer.loss_report import loss_terms_line
 
     trained: dict[str, dict[str, Any]] = {}
     for shift in args.shifts:

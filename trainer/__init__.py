@@ -1,7 +1,7 @@
 """CMKD + RST (+ FixMatch) training of task adapters for deltaclip (docs/METHOD.md).
 
 ``trainer.main(argv)`` runs ``deltaclip train`` from a list of arguments and returns the run's
-metrics; :func:`trainer.loop.train` is the same with typed settings. Imports go one way:
+metrics; :func:`trainer.pipeline.train` is the same with typed settings. Imports go one way:
 ``trainer`` uses ``adapters_store`` and never ``server``. Heavy modules load on first use.
 """
 

@@ -1,6 +1,6 @@
-"""``deltaclip train`` and ``deltaclip eval``, plugged in through the ``deltaclip.commands`` group.
+"""``deltaclip train``, plugged in through the ``deltaclip.commands`` group.
 
-``register(subparsers)`` adds both commands; :func:`main` runs ``train`` from a list of arguments
+``register(subparsers)`` adds ``train``, ``eval`` (:mod:`trainer.eval_cli`) and ``predict``; :func:`main` runs ``train`` from a list of arguments
 and returns its metrics, so tests (and notebooks) can drive a run as the CLI does. Failures are
 raised as ``ValueError``/``OSError``/``StoreError`` subclasses, which ``deltaclip``'s ``main``
 prints as one-line messages.
@@ -12,42 +12,17 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapters_store.config import StoreSettings
 
-from .config import DEFAULT_TEMPLATE, METHODS, RESIDUAL_DTYPES, RunOptions, TrainConfig
-from .errors import TrainError
-
-if TYPE_CHECKING:
-    from deltaclip_client import Registration
+from .config import METHODS, RESIDUAL_DTYPES, RunOptions, TrainConfig
+from .eval_cli import add_eval_arguments, cmd_eval
+from .loss_report import loss_terms_line
+from .push import push_adapter, push_token
+from .store_flags import add_store_flags, store_settings
 
 _DEFAULTS = TrainConfig(source="", target="", task="")
-
-
-def _settings(args: argparse.Namespace) -> StoreSettings:
-    overrides = {
-        key: getattr(args, key, None)
-        for key in ("home", "database_url", "base_model", "base_pretrained")
-    }
-    return StoreSettings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _store_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("store and base (default: DELTACLIP_* environment)")
-    g.add_argument("--home", type=Path, help="data folder (DELTACLIP_HOME, default ~/.deltaclip)")
-    g.add_argument("--database-url", help="catalog URL (DELTACLIP_DATABASE_URL)")
-    g.add_argument("--base-model", help="open_clip architecture (DELTACLIP_BASE_MODEL)")
-    g.add_argument(
-        "--base-pretrained", help="weights tag, file or 'random' (DELTACLIP_BASE_PRETRAINED)"
-    )
-    g.add_argument(
-        "--device", help="cpu, cuda, cuda:1 ... (DELTACLIP_DEVICE; default: CUDA if present)"
-    )
-    g.add_argument(
-        "--workers", type=int, help="data-loading processes (default min(2, cpus); 0: none)"
-    )
-    g.add_argument("--threads", type=int, help="CPU compute threads (default: cpus - workers)")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,41 +121,68 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--created-at", help=argparse.SUPPRESS)
     out.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
     out.add_argument("--json", action="store_true", help="print the result as JSON")
-    _store_flags(p)
+    add_store_flags(p)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions, StoreSettings]:
     """Typed settings from flags: what shapes the weights, how the run executes, the store."""
-    settings = _settings(args)
+    settings = store_settings(args)
     cfg = TrainConfig(
-        source=str(args.source), target=str(args.target), task=args.task,
-        source_domain=args.source_domain, target_domain=args.target_domain,
-        base_model=settings.base_model, base_pretrained=settings.base_pretrained,
-        method=args.method, fixmatch=args.fixmatch, tau=args.tau, max_density=args.max_density,
+        source=str(args.source),
+        target=str(args.target),
+        task=args.task,
+        source_domain=args.source_domain,
+        target_domain=args.target_domain,
+        base_model=settings.base_model,
+        base_pretrained=settings.base_pretrained,
+        method=args.method,
+        fixmatch=args.fixmatch,
+        tau=args.tau,
+        max_density=args.max_density,
         block_size=args.block_size,
-        epochs=args.epochs, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr,
-        head_lr_mult=args.head_lr_mult, label_smoothing=args.label_smoothing,
-        ramp_iters=args.ramp_iters, adabn=args.adabn, budget_at_end=args.budget_at_end,
-        lambda1=args.lambda1, lambda2=args.lambda2, lambda3=args.lambda3,
-        fixmatch_weight=args.fixmatch_weight, fixmatch_threshold=args.fixmatch_threshold,
-        image_size=args.image_size, prompt_template=args.prompt_template, seed=args.seed,
-        residual_dtype=args.residual_dtype, amp=args.amp,
-    )  # fmt: skip
+        epochs=args.epochs,
+        iters_per_epoch=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        head_lr_mult=args.head_lr_mult,
+        label_smoothing=args.label_smoothing,
+        ramp_iters=args.ramp_iters,
+        adabn=args.adabn,
+        budget_at_end=args.budget_at_end,
+        lambda1=args.lambda1,
+        lambda2=args.lambda2,
+        lambda3=args.lambda3,
+        fixmatch_weight=args.fixmatch_weight,
+        fixmatch_threshold=args.fixmatch_threshold,
+        image_size=args.image_size,
+        prompt_template=args.prompt_template,
+        seed=args.seed,
+        residual_dtype=args.residual_dtype,
+        amp=args.amp,
+    )
     cfg.validate()
     options = RunOptions(
-        output=args.output, run_dir=args.run_dir, resume=args.resume, restart=args.restart,
-        register=not (args.no_register or args.push), alias=args.alias, num_workers=args.workers,
+        output=args.output,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        restart=args.restart,
+        register=not (args.no_register or args.push),
+        alias=args.alias,
+        num_workers=args.workers,
         threads=args.threads,
-        device=args.device, progress=False if args.no_progress else None,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        keep_checkpoint=args.keep_checkpoint, created_at=args.created_at,
-    )  # fmt: skip
+        device=args.device,
+        progress=False if args.no_progress else None,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoint=args.keep_checkpoint,
+        created_at=args.created_at,
+    )
     return cfg, options, settings
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``train`` from parsed arguments; the result as a JSON-able dict."""
-    from .loop import train
+    from .pipeline import train
 
     cfg, options, settings = config_from_args(args)
     token = (
@@ -206,43 +208,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def push_token(url: str, token_file: Path | None) -> str:
-    """The admin token for ``--push``, and a reachable server, checked before training starts.
-
-    Raises:
-        TrainError: no token, or ``url`` does not answer (so no run is wasted on a typo).
-    """
-    from deltaclip_client import Client, ClientError
-    from deltaclip_client.command import admin_token
-
-    try:
-        token = admin_token(token_file)
-        with Client(url, retries=0, timeout=10) as client:
-            client.health()
-    except ClientError as exc:
-        raise TrainError(f"--push {url}: {exc}") from None
-    return token
-
-
-def push_adapter(path: Path, url: str, token: str, alias: str | None) -> Registration:
-    """Register the written adapter on the server at ``url`` (the trainer's remote registration).
-
-    Raises:
-        TrainError: the server refused it or could not be reached; the message says how to push
-            the file (which is kept) later.
-    """
-    from deltaclip_client import ClientError
-    from deltaclip_client.command import push
-
-    try:
-        return push(path, url, token, alias)
-    except ClientError as exc:
-        raise TrainError(
-            f"wrote {path} but could not push it to {url} ({exc}); "
-            f"push it later with `deltaclip adapters push {path} --server {url}`"
-        ) from exc
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``deltaclip train`` and print its outcome (JSON with ``--json``); the exit status."""
     out = run_train(args)
@@ -261,102 +226,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if out.get("loss_terms_last_step"):
         print(loss_terms_line(out["loss_terms_last_step"]))
-    return 0
-
-
-# How each weighted loss term is named for a user (docs/METHOD.md §2, §3).
-TERM_NAMES = {
-    "w_cls": "L_cls",
-    "w_ce_g": "λ2·CE_teacher(source)",
-    "w_gi_h": "λ1·λ·GI_alpha(p_h)",
-    "w_gi_m": "λ1·λ·GI_1-alpha(p_m)",
-    "w_gi_g": "λ3·λ·GI(p_g)",
-    "w_fm_h": "FixMatch head",
-    "w_fm_g": "FixMatch teacher",
-}
-
-
-def loss_terms_line(last_step: dict[str, float]) -> str:
-    """The final step's loss terms as they entered the total, and λ there (the teacher at work)."""
-    terms = ", ".join(
-        f"{label} {last_step[key]:.4f}" for key, label in TERM_NAMES.items() if key in last_step
-    )
-    ramp = f"; λ = {last_step['ramp']:.3f}" if "ramp" in last_step else ""
-    return f"loss terms at the last step (weighted): {terms}{ramp}"
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """Add ``deltaclip eval``'s flags (the folder, which adapter or ``--zero-shot``, output)."""
-    p.add_argument("--data", required=True, type=Path, help="labelled folder (CLASS/*.jpg)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--task", help="a registered task")
-    which.add_argument("--zero-shot", action="store_true", help="the base's text head instead")
-    sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--version", type=int)
-    sel.add_argument("--alias")
-    p.add_argument("--confusion", type=Path, help="write the confusion matrix as a PNG here")
-    p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="zero-shot prompts")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, help="default: the adapter's training size")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    _store_flags(p)
-
-
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate an adapter as served, or the base zero-shot; the report (with the PNG path)."""
-    from .evaluate import evaluate_adapter, evaluate_zero_shot
-    from .execution import resolve_device
-    from .plot import confusion_png
-
-    settings = _settings(args)
-    device = resolve_device(args.device, settings)
-    if args.zero_shot:
-        result = evaluate_zero_shot(
-            settings.base_model, settings.base_pretrained, args.data,
-            template=args.prompt_template, device=device, batch_size=args.batch_size,
-            num_workers=args.workers, image_size=args.image_size,
-        )  # fmt: skip
-        title = f"zero-shot {settings.base_model}/{settings.base_pretrained}"
-    else:
-        result = evaluate_adapter(
-            settings, args.task, args.data, version=args.version, alias=args.alias,
-            device=device, batch_size=args.batch_size, num_workers=args.workers,
-            image_size=args.image_size,
-        )  # fmt: skip
-        title = f"{result['task']} v{result['version']}"
-    if args.confusion:
-        import torch
-
-        names = list(result["per_class_accuracy"])
-        title += f" on {Path(args.data).name}: accuracy {result['accuracy']:.2%}"
-        confusion_png(torch.tensor(result["confusion"]), names, args.confusion, title)
-        result["confusion_png"] = str(args.confusion)
-    return result
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Run ``deltaclip eval`` and print the report (JSON with ``--json``); the exit status."""
-    result = run_eval(args)
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return 0
-    who = (
-        f"zero-shot {result['base_model']}/{result['base_pretrained']}"
-        if args.zero_shot
-        else f"{result['task']} v{result['version']} ({result['digest'][:16]})"
-    )
-    print(f"{who} on {result['data']}: {result['images']} images, {len(result['support'])} classes")
-    print(
-        f"accuracy: {result['accuracy']:.2%} (mean per-class {result['mean_class_accuracy']:.2%})"
-    )
-    if args.zero_shot:
-        print(f"chance level: {result['chance_accuracy']:.2%}")
-    print("per-class accuracy:")
-    for name, acc in result["per_class_accuracy"].items():
-        shown = f"{acc:.2%}" if acc is not None else "-"
-        print(f"  {name:<32} {shown:>8}  ({result['support'][name]} images)")
-    if "confusion_png" in result:
-        print(f"confusion matrix: {result['confusion_png']}")
     return 0
 
 

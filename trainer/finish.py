@@ -21,6 +21,7 @@ from adapters_store.serving_base import ServingBase
 
 from .config import TrainConfig
 from .export import default_output, snap, store_written, verified_adapter
+from .loss_report import loss_summary
 from .run_state import Run
 
 # Versions recorded in the adapter's train_config, to tell how a stored adapter was made.
@@ -103,19 +104,6 @@ def finish(run: Run) -> tuple[Adapter, dict[str, Any]]:
         block_size=cfg.block_size,
     )
     return adapter, metrics
-
-
-def loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each loss term as it entered the total (weighted), over the last epoch and at its last step.
-
-    ``loss_terms``: the last epoch's mean of each weighted term; ``loss_terms_last_step``: the
-    same at the final step, with ``ramp`` (λ at that step, λ(T) for a run that ends at T).
-    """
-    if not history or "last_step" not in history[-1]:
-        return {}
-    last = history[-1]
-    means = {k: v for k, v in last["losses"].items() if k.startswith("w_")}
-    return {"loss_terms": means, "loss_terms_last_step": dict(last["last_step"])}
 
 
 def write_and_register(run: Run, adapter: Adapter, metrics: dict[str, Any]) -> TrainResult:

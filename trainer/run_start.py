@@ -32,7 +32,7 @@ from .execution import resolve_device, seed_everything
 from .loaders import default_workers, eval_loader, paired_loader
 from .model import logit_scale_of, tower_kind
 from .run_state import Plan, Run, TrainLog
-from .session import Session
+from .step import Session
 from .transforms import (
     TwoViews,
     eval_transform,

@@ -25,7 +25,7 @@ from .checkpoint import rng_state, save_checkpoint
 from .config import RunOptions, TrainConfig
 from .data import DomainFolder
 from .distributed import Distributed
-from .session import Session
+from .step import Session
 
 
 class TrainLog:

@@ -20,7 +20,7 @@ from server.engine import Engine
 from tests.synthetic_domains import make_domains
 from trainer.config import RunOptions, TrainConfig
 from trainer.errors import TrainError
-from trainer.loop import train
+from trainer.pipeline import train
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from deltaclip_demo.data import prepare_domains
 from tests.synthetic_domains import WORDNET_SHAPES, make_domains
 from trainer.config import TOWER_DEFAULTS, RunOptions, TrainConfig
 from trainer.evaluate import evaluate_adapter
-from trainer.loop import train
+from trainer.pipeline import train
 
 
 def test_efflite0_run_is_served_exactly_as_trained(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from tests.synthetic_domains import make_domains
 from trainer import main as trainer_main
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
-from trainer.loop import train
+from trainer.pipeline import train
 
 
 def reference_lambda(curr_iter: int, max_iter: int, gamma: float = 1.0) -> float:

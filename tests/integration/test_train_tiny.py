@@ -24,7 +24,7 @@ from trainer import main as trainer_main
 from trainer.checkpoint import load_checkpoint
 from trainer.config import RunOptions, TrainConfig
 from trainer.errors import TrainError
-from trainer.loop import train
+from trainer.pipeline import train
 
 CREATED = "2025-01-01T00:00:00Z"
 TASK = "day2night"

@@ -19,7 +19,7 @@ from tests.conftest import wait_ready
 from tests.security.helpers import store_settings
 from tests.synthetic_domains import make_domains
 from trainer.config import RunOptions, TrainConfig
-from trainer.loop import train
+from trainer.pipeline import train
 
 
 @contextlib.contextmanager
