@@ -38,7 +38,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from adapters_store.adapter import Adapter, merge_state
+from adapters_store.adapter import Adapter
 from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from adapters_store.transforms import native_size
@@ -56,23 +56,51 @@ from bench.harness import (
     wait_for_quiet,
 )
 from bench.inplace import SubtractSwap, loop_swap, per_tensor
-from bench.lora import build_peft, lora_params_per_rank, lora_rank_for, lora_state
+from bench.lora import lora_params_per_rank, lora_rank_for
+from bench.swap_alternatives import Alternatives, alternate
 from bench.swap_blocks import block_cold_load, block_swap, served_cycles
 
-METHODS = ["deltaclip", "candidates", "loop", "subtract", "one_thread", "between_forwards",
-           "dense", "peft"]  # fmt: skip
+METHODS = [
+    "deltaclip",
+    "candidates",
+    "loop",
+    "subtract",
+    "one_thread",
+    "between_forwards",
+    "dense",
+    "peft",
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, sections=["swap", "cold", "exactness", "blocks", "cold_blocks"], base="ViT-B-16")
-    p.add_argument("--methods", type=csv_list(str), default=METHODS, help=f"swap methods (default: {','.join(METHODS)})")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        type=csv_list(str),
+        default=METHODS,
+        help=f"swap methods (default: {','.join(METHODS)})",
+    )
     p.add_argument("--densities", type=csv_list(float), default=list(DENSITIES))
-    p.add_argument("--alternate", type=int, choices=(1, 2), default=2, help="adapters alternated per density")  # fmt: skip
-    p.add_argument("--repeat", type=int, default=100, help="timed switches per block (fast methods)")  # fmt: skip
+    p.add_argument(
+        "--alternate", type=int, choices=(1, 2), default=2, help="adapters alternated per density"
+    )
+    p.add_argument(
+        "--repeat", type=int, default=100, help="timed switches per block (fast methods)"
+    )
     p.add_argument("--cycles", type=int, default=1000, help="swap cycles for exactness")
     p.add_argument("--lora-cycles", type=int, default=200, help="LoRA merge/unmerge cycles")
-    p.add_argument("--block-sizes", type=csv_list(int), default=[1, 4, 16], help="blocks sections: B (1 = unstructured)")  # fmt: skip
-    p.add_argument("--served", type=int, default=9, help="blocks sections: switches between forwards, cold loads")  # fmt: skip
+    p.add_argument(
+        "--block-sizes",
+        type=csv_list(int),
+        default=[1, 4, 16],
+        help="blocks sections: B (1 = unstructured)",
+    )
+    p.add_argument(
+        "--served",
+        type=int,
+        default=9,
+        help="blocks sections: switches between forwards, cold loads",
+    )
 
 
 def run(args: argparse.Namespace, result: Result) -> None:
@@ -104,17 +132,6 @@ def run(args: argparse.Namespace, result: Result) -> None:
         result["exactness"] = exactness(args.base, [a for d in largest for a in adapters[d]], args)
 
 
-def _alternate(fns: list[Callable[[], Any]]) -> Callable[[], None]:
-    """One call runs the next of ``fns`` in turn: with two, every call is a task switch."""
-    state = [len(fns) - 1]
-
-    def step() -> None:
-        state[0] = (state[0] + 1) % len(fns)
-        fns[state[0]]()
-
-    return step
-
-
 def swap(
     net: Any,
     sig: Any,
@@ -136,7 +153,10 @@ def swap(
     loops = {d: [per_tensor(engine, a) for a in ads] for d, ads in adapters.items()}
     # subtract-to-restore drifts (even in float32): it runs on a same-size copy of the buffers
     scratch = {dt: b.clone() for dt, b in patcher.flat.items()}
-    subtract = {d: [SubtractSwap(patcher, a, upcast=False, flat=scratch) for a in ads] for d, ads in adapters.items()}  # fmt: skip
+    subtract = {
+        d: [SubtractSwap(patcher, a, upcast=False, flat=scratch) for a in ads]
+        for d, ads in adapters.items()
+    }
     x = torch.randn(1, 3, native_size(net), native_size(net), device=device)
 
     def fused(prep: Any) -> Callable[[], None]:
@@ -165,12 +185,12 @@ def swap(
         return cycle
 
     ops = ["index_put_", "scatter_", *(["numpy"] if device == "cpu" else [])]
-    timed_inplace: dict[str, Callable[[float], list[Callable[[], Any]]]] = {"deltaclip": lambda d: [fused(pr) for pr in prepared[d]],
-                     "loop": lambda d: [partial(loop_swap, parts) for parts in loops[d]],
-                     "subtract": lambda d: [s.cycle for s in subtract[d]]}  # fmt: skip
-    alts = (
-        _Alternatives(base_visual, adapters, ranks, args) if methods & {"dense", "peft"} else None
-    )
+    timed_inplace: dict[str, Callable[[float], list[Callable[[], Any]]]] = {
+        "deltaclip": lambda d: [fused(pr) for pr in prepared[d]],
+        "loop": lambda d: [partial(loop_swap, parts) for parts in loops[d]],
+        "subtract": lambda d: [s.cycle for s in subtract[d]],
+    }
+    alts = Alternatives(base_visual, adapters, ranks, args) if methods & {"dense", "peft"} else None
     for rep in range(args.reps):
         blocks.loads.append(wait_for_quiet(args.max_load, args.max_wait_s))
         print(f"swap rep {rep + 1}/{args.reps} (load {blocks.loads[-1]['load1']})", flush=True)
@@ -178,20 +198,31 @@ def swap(
         for d in args.densities:
             for name, fns in timed_inplace.items():
                 if name in methods:
-                    blocks.time(f"{name}@{d}", _alternate(fns(d)), n["mid" if name == "loop" else "fast"])  # fmt: skip
+                    blocks.time(
+                        f"{name}@{d}", alternate(fns(d)), n["mid" if name == "loop" else "fast"]
+                    )
             if "candidates" in methods:
                 for op in ops:
-                    blocks.time(f"deltaclip_{op}@{d}", _alternate([fused_with(op, pr) for pr in prepared[d]]), n["fast"])  # fmt: skip
+                    blocks.time(
+                        f"deltaclip_{op}@{d}",
+                        alternate([fused_with(op, pr) for pr in prepared[d]]),
+                        n["fast"],
+                    )
             if "one_thread" in methods:
                 # short scatters pay for a 2-thread region when the other core is busy (a shared
                 # machine), which a serial loop of small ops avoids
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 for name, fns in timed_inplace.items():
-                    blocks.time(f"{name}_1t@{d}", _alternate(fns(d)), n["mid" if name == "loop" else "fast"])  # fmt: skip
+                    blocks.time(
+                        f"{name}_1t@{d}", alternate(fns(d)), n["mid" if name == "loop" else "fast"]
+                    )
                 torch.set_num_threads(threads)
             if "between_forwards" in methods:
-                blocks.add(f"between_forwards@{d}", served_cycles(engine, prepared[d], x, n["between"], blocks.sync))  # fmt: skip
+                blocks.add(
+                    f"between_forwards@{d}",
+                    served_cycles(engine, prepared[d], x, n["between"], blocks.sync),
+                )
         if alts is not None:
             alts.time(blocks, engine, x, n, methods)
         assert patcher.is_pristine(), "deltaclip's patcher must leave the base bit-identical"
@@ -200,7 +231,12 @@ def swap(
     rows = []
     for d in args.densities:
         r = ranks[d]
-        row: dict[str, Any] = {"density": d, "nnz": prepared[d][0].nnz, "lora_rank": r, "lora_params": r * per_rank}  # fmt: skip
+        row: dict[str, Any] = {
+            "density": d,
+            "nnz": prepared[d][0].nnz,
+            "lora_rank": r,
+            "lora_params": r * per_rank,
+        }
         for key in [k for k in blocks.samples if k.endswith((f"@{d}", f"@r{r}")) or "@" not in k]:
             method = key.split("@")[0]
             if method == "forward_b1_pair":
@@ -211,82 +247,15 @@ def swap(
                 row[method] = blocks.summary(key, "forward_b1")
         rows.append(row)
     return {
-        "forward_b1": blocks.summary("forward_b1"), "rows": rows, "loads": blocks.loads,
-        "alternate": args.alternate, "lora_params_per_rank": per_rank,
+        "forward_b1": blocks.summary("forward_b1"),
+        "rows": rows,
+        "loads": blocks.loads,
+        "alternate": args.alternate,
+        "lora_params_per_rank": per_rank,
         "definition": "one task switch: in-place methods restore the previous task and patch the "
         "next (one patch+restore cycle); dense: one load_state_dict of the next task's full state; "
         "PEFT set_adapter / hotswap: one call; PEFT merged: unmerge + merge",
-    }  # fmt: skip
-
-
-class _Alternatives:
-    """Dense task copies and PEFT LoRA set up once, timed in every repetition of :func:`swap`."""
-
-    def __init__(self, base_visual: Any, adapters: dict[float, list[Adapter]], ranks: dict[float, int],
-                 args: argparse.Namespace) -> None:  # fmt: skip
-        from safetensors.torch import save_file
-
-        self.device = args.device
-        self.tmp = tempfile.TemporaryDirectory()
-        # dense copies: one tower, two merged task states (the same for every density: a dense
-        # copy costs the same whatever changed), in memory and as safetensors files
-        self.dense = copy.deepcopy(base_visual).to(self.device)
-        base_state = {f"visual.{k}": v.detach().cpu() for k, v in self.dense.state_dict().items()}
-        mid = adapters[0.005] if 0.005 in adapters else next(iter(adapters.values()))
-        self.dense_states = [
-            {k.removeprefix("visual."): v.contiguous() for k, v in merge_state(base_state, a).items()}
-            for a in mid
-        ]  # fmt: skip
-        self.files = [Path(self.tmp.name) / f"task{i}.safetensors" for i in range(len(mid))]
-        for path, st in zip(self.files, self.dense_states, strict=True):
-            save_file(st, str(path))
-        # PEFT LoRA at the matched ranks, two adapters each, saved and in memory
-        self.ranks = sorted(set(ranks.values()))
-        self.pm = build_peft(base_visual, {r: [f"r{r}a", f"r{r}b"] for r in self.ranks}, self.device, torch.float32)  # fmt: skip
-        self.saved = {}
-        for r in self.ranks:
-            self.pm.save_pretrained(self.tmp.name, selected_adapters=[f"r{r}a", f"r{r}b"])
-            self.saved[r] = [Path(self.tmp.name) / f"r{r}a", Path(self.tmp.name) / f"r{r}b"]
-        self.states = {r: [lora_state(self.pm, f"r{r}a", f"r{r}a"), lora_state(self.pm, f"r{r}b", f"r{r}a")] for r in self.ranks}  # fmt: skip
-        self.configs = {r: self.pm.peft_config[f"r{r}a"] for r in self.ranks}
-
-    def time(self, blocks: Blocks, engine: Any, x: torch.Tensor, n: dict[str, int], methods: set[str]) -> None:  # fmt: skip
-        from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
-        from safetensors.torch import load_file
-
-        def reload(path: Path) -> None:
-            self.dense.load_state_dict(load_file(str(path)))
-
-        if "dense" in methods:
-            blocks.time("dense_load_state_dict", _alternate([partial(self.dense.load_state_dict, st) for st in self.dense_states]), n["slow"])  # fmt: skip
-            blocks.time("dense_reload_file", _alternate([partial(reload, f) for f in self.files]), n["slow"])  # fmt: skip
-        if "peft" not in methods:
-            return
-        pm = self.pm
-
-        def lora_forward() -> None:
-            with torch.inference_mode():
-                pm(x)
-
-        def merge_switch(target: str) -> None:
-            pm.base_model.unmerge_adapter()
-            pm.base_model.merge_adapter([target])
-
-        for r in self.ranks:
-            a, b = f"r{r}a", f"r{r}b"
-            pm.set_adapter(a)
-            blocks.time_pair((f"forward_b1_pair@r{r}", f"lora_forward_b1@r{r}"), (lambda: engine.features(x), lora_forward), n["slow"])  # fmt: skip
-            blocks.time(f"peft_set_adapter@r{r}", _alternate([partial(pm.set_adapter, t) for t in (a, b)]), n["fast"])  # fmt: skip
-            pm.set_adapter(a)
-            blocks.time(f"peft_hotswap_state_dict@r{r}", _alternate([partial(hotswap_adapter_from_state_dict, pm, st, a, self.configs[r]) for st in self.states[r]]), n["mid"])  # fmt: skip
-            blocks.time(f"peft_hotswap_file@r{r}", _alternate([partial(hotswap_adapter, pm, str(f), a, torch_device=self.device) for f in self.saved[r]]), n["mid"])  # fmt: skip
-            hotswap_adapter_from_state_dict(pm, self.states[r][0], a, self.configs[r])
-            pm.base_model.merge_adapter([a])
-            blocks.time(f"peft_merge_unmerge@r{r}", _alternate([partial(merge_switch, t) for t in (a, b)]), n["slow"])  # fmt: skip
-            pm.base_model.unmerge_adapter()
-
-    def close(self) -> None:
-        self.tmp.cleanup()
+    }
 
 
 def cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -305,8 +274,14 @@ def cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
         base = ServingBase.of(net, sig)
         record = reg.register(encode_adapter(adapter), base).record
         engine = Engine(net, sig, args.device, "float32")
-        times = timeit(lambda: engine.prepare(record, reg.load(record, base)), max(3, 3 * args.repeat // 10))  # fmt: skip
+        times = timeit(
+            lambda: engine.prepare(record, reg.load(record, base)), max(3, 3 * args.repeat // 10)
+        )
         reg.close()
     engine.restore_base()
-    return {"nnz": record.nnz, "bytes": record.size_bytes,
-            "p50_ms": median(times) * 1e3, "p99_ms": p(times, 0.99) * 1e3}  # fmt: skip
+    return {
+        "nnz": record.nnz,
+        "bytes": record.size_bytes,
+        "p50_ms": median(times) * 1e3,
+        "p99_ms": p(times, 0.99) * 1e3,
+    }
