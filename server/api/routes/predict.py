@@ -37,6 +37,7 @@ router = APIRouter(tags=["predict"])
 
 _KEY = r"^[!-~]+$"
 """A client key: printable ASCII without spaces (what a header carries safely)."""
+_KEY_OR_NONE = r"^[!-~]*$"
 
 _IMAGE_BODY = upload_openapi(
     {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}, raw_images=True
@@ -102,8 +103,8 @@ async def predict(
     ] = False,
     client: Annotated[str | None, Query(min_length=1, max_length=256, pattern=_KEY)] = None,
     x_deltaclip_client: Annotated[
-        str | None, Header(min_length=1, max_length=256, pattern=_KEY)
-    ] = None,
+        str, Header(max_length=256, pattern=_KEY_OR_NONE, description="the client's key")
+    ] = "",
 ) -> Prediction:
     """Answers with the adapter that was used (task, version, digest), the path that served
     it (``patched`` or ``mixed``, also in ``X-Deltaclip-Path``) and, per image, the top-k labels.
@@ -111,7 +112,7 @@ async def predict(
     from one of its versions, always the same; without a key, one picked at random by weight."""
     read = _image_reader(request, service.settings.max_images)
     gone = _disconnect_watcher(request)
-    key = client if client is not None else x_deltaclip_client
+    key = client if client is not None else (x_deltaclip_client or None)
     result = await service.classify(task, version, alias, read, gone, exact=exact, key=key)
     record = result.record
     response.headers["X-Deltaclip-Path"] = result.path
