@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -40,6 +40,35 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     raise AssertionError(f"{url} not ready")
 
 
+def start_replica(
+    pg_url: str,
+    home: Path,
+    name: str,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """One `deltaclip serve` process on a free port (not waited for); its URL and process."""
+    port = free_port()
+    replica_env = {
+        **os.environ,
+        "DELTACLIP_HOME": str(home),
+        "DELTACLIP_DATABASE_URL": pg_url,
+        "DELTACLIP_BASE_MODEL": "deltaclip-tiny",
+        "DELTACLIP_BASE_PRETRAINED": "random",
+        "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "DELTACLIP_REPLICA_NAME": name,
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapters_store.cli", "serve", "--port", str(port), *args],
+        env=replica_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return f"http://127.0.0.1:{port}", proc
+
+
 @contextlib.contextmanager
 def running_cluster(
     pg_url: str, tmp_path: Path, replicas: int = 3, env: Mapping[str, str] | None = None
@@ -49,25 +78,7 @@ def running_cluster(
     upgrade(pg_url)
     running: Replicas = {}
     for i in range(replicas):
-        port = free_port()
-        replica_env = {
-            **os.environ,
-            "DELTACLIP_HOME": str(tmp_path / f"host-{i}"),
-            "DELTACLIP_DATABASE_URL": pg_url,
-            "DELTACLIP_BASE_MODEL": "deltaclip-tiny",
-            "DELTACLIP_BASE_PRETRAINED": "random",
-            "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN,
-            "DELTACLIP_REPLICA_NAME": f"replica-{i}",
-            "OMP_NUM_THREADS": "1",
-            **(env or {}),
-        }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "adapters_store.cli", "serve", "--port", str(port)],
-            env=replica_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        running[f"replica-{i}"] = (f"http://127.0.0.1:{port}", proc)
+        running[f"replica-{i}"] = start_replica(pg_url, tmp_path / f"host-{i}", f"replica-{i}", env)
     front = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(

@@ -1,6 +1,7 @@
 """Two `deltaclip serve` replicas over one PostgreSQL catalog behind nginx: a weighted alias set
 through one replica splits clients the same way on both and through nginx, each client sticks
-to its version, and the usage both replicas count adds up in the shared catalog."""
+to its version, the usage both replicas count adds up in the shared catalog, and a replica
+started with ``--preload`` prepares the most used and aliased versions before it is ready."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
 from tests.conftest import ADMIN_TOKEN, png_bytes
-from tests.e2e.cluster import running_cluster
+from tests.e2e.cluster import running_cluster, start_replica, wait_ready
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -73,3 +74,14 @@ def test_the_split_holds_over_nginx_and_usage_adds_up(pg_url: str, tmp_path: Pat
         assert all(v["images"] == v["requests"] and v["last_served_at"] for v in versions)
         listing = httpx.get(f"{urls[0]}/adapters?sort=requests").json()["items"]
         assert [i["version"] for i in listing] == [1, 2]
+
+        # A replica started with --preload prepares them before it says it is ready.
+        args = ["--preload", "top:1", "--preload", "alias:production"]
+        url, proc = start_replica(pg_url, tmp_path / "host-new", "replica-new", args=args)
+        try:
+            wait_ready(url, proc)
+            ready = httpx.get(f"{url}/readyz").json()
+            assert (ready["preloaded"], ready["adapters_loaded"]) == (2, 2), ready
+        finally:
+            proc.terminate()
+            proc.wait(30)
