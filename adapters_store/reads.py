@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, tuple_
@@ -119,6 +120,23 @@ class CatalogReads:
 
         A weighted alias picks one of its versions for the client ``key`` (the same one for the
         same key, :func:`~adapters_store.splits.pick`), or at random by weight without one."""
+        return self._resolve(
+            task, version, alias, lambda name, shares: pick(task, name, shares, key)
+        )
+
+    def pinned(self, task: str) -> AdapterRecord:
+        """What a pin of ``task`` holds: :meth:`resolve` without a version or an alias, but of a
+        weighted ``production`` alias its heaviest version (the one most clients get), never a
+        random one."""
+        return self._resolve(task, None, None, lambda _, shares: heaviest(shares).version)
+
+    def _resolve(
+        self,
+        task: str,
+        version: int | None,
+        alias: str | None,
+        choose: Callable[[str, builtins.list[Share]], int],
+    ) -> AdapterRecord:
         check_name(task, "task")
         if version is not None and alias is not None:
             raise InvalidRequest("give a version or an alias, not both")
@@ -131,7 +149,7 @@ class CatalogReads:
             shares = _shares(s, task, name)
             target: int | None
             if shares:
-                target = pick(task, name, shares, key)
+                target = choose(name, shares)
             elif alias is not None:
                 raise AdapterNotFound(f"task {task!r} has no alias {alias!r}")
             else:

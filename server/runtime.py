@@ -204,7 +204,7 @@ class Runtime:
             if wanted is not None and task not in wanted:
                 continue
             try:
-                record = await asyncio.to_thread(self.registry.resolve, task)
+                record = await asyncio.to_thread(self.registry.pinned, task)
                 if self.cache.pin(task, record.digest) is not None:
                     log.info("pin %r moved to v%d", task, record.version)
                 await self.cache.get(record)

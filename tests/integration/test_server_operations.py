@@ -229,6 +229,19 @@ def test_readiness_waits_for_the_preload(make_client: Make, tiny, monkeypatch) -
         assert c.get("/readyz").json()["preloaded"] == 1
 
 
+def test_a_pin_holds_the_heaviest_version_of_a_weighted_alias(make_client: Make, tiny) -> None:  # type: ignore[no-untyped-def]
+    with make_client(pin=["t"]) as c:
+        digests = [upload(c, tiny, "t", seed)["digest"] for seed in range(2)]
+        split = {"split": [{"version": 1, "weight": 30}, {"version": 2, "weight": 70}]}
+        r = c.put("/admin/adapters/t/aliases/production", json=split, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        cache = c.app.state.runtime.cache  # type: ignore[attr-defined]
+        assert cache.pins() == {"t": digests[1]} and digests[1] in cache
+        for _ in range(20):  # re-resolved: never a random version of the split
+            c.portal.call(c.app.state.runtime.refresh_pins)  # type: ignore[attr-defined]
+            assert cache.pins() == {"t": digests[1]}
+
+
 def test_a_bad_preload_spec_is_refused() -> None:
     from pydantic import ValidationError
 
