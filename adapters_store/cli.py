@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import commands
 from .errors import InvalidAdapter, StoreError
+from .usage import SORTS, parse_age
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -38,6 +39,13 @@ def _store_flags(p: argparse.ArgumentParser, base: bool = False) -> None:
             "--base-pretrained",
             help="weights: tag, local file or 'random' (DELTACLIP_BASE_PRETRAINED)",
         )
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text)
+    except StoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _select_flags(p: argparse.ArgumentParser) -> None:
@@ -87,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task")
     p.add_argument("--base", help="base model name or fingerprint")
     p.add_argument("--domain", help="source or target domain")
+    p.add_argument(
+        "--sort",
+        choices=list(SORTS),
+        default="task",
+        help="task (name, newest first) or most requests / images / errors / last served first",
+    )
+    p.add_argument(
+        "--unused-since",
+        type=_age,
+        metavar="AGE",
+        help="only versions not served for AGE (e.g. 30d; units s m h d w) or never",
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -108,11 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, required=True)
     _store_flags(p)
     p.set_defaults(func=commands.cmd_adapters_delete)
-    p = ad.add_parser("alias", help="point an alias at a version, or remove it")
+    p = ad.add_parser(
+        "alias", help="point an alias at a version, split it over several, or remove it"
+    )
     p.add_argument("task")
     p.add_argument("alias")
-    p.add_argument("--version", type=int)
-    p.add_argument("--remove", action="store_true")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--version", type=int)
+    target.add_argument(
+        "--weights",
+        metavar="V=W,...",
+        help="a traffic split, e.g. 3=90,4=10: each client key sticks to one version",
+    )
+    target.add_argument("--remove", action="store_true")
     _store_flags(p)
     p.set_defaults(func=commands.cmd_adapters_alias)
     p = ad.add_parser("export", help="write the merged (dense) task model as safetensors")

@@ -123,26 +123,42 @@ def cmd_base_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- adapters
 
 
+def _aliases_text(r: Any) -> str:
+    parts = [
+        alias if share == 100 else f"{alias}({share:g}%)" for alias, share in r.alias_shares.items()
+    ]
+    return ",".join(parts) or "-"
+
+
 def _table(records: Sequence[Any]) -> None:
-    header = (
-        f"{'TASK':<28} {'VER':>4} {'DENSITY':>9} {'NNZ':>10} {'BYTES':>10}  {'ALIASES':<16} DIGEST"
+    print(
+        f"{'TASK':<28} {'VER':>4} {'DENSITY':>9} {'BYTES':>10}  {'ALIASES':<22} "
+        f"{'REQUESTS':>9} {'IMAGES':>9} {'ERRORS':>7}  {'LAST SERVED':<20} DIGEST"
     )
-    print(header)
     for r in records:
         print(
-            f"{r.task:<28} {r.version:>4} {r.density:>9.4%} {r.nnz:>10} {r.size_bytes:>10}  "
-            f"{','.join(r.aliases) or '-':<16} {r.digest[:16]}"
+            f"{r.task:<28} {r.version:>4} {r.density:>9.4%} {r.size_bytes:>10}  "
+            f"{_aliases_text(r):<22} {r.requests:>9} {r.images:>9} {r.errors:>7}  "
+            f"{(r.last_served_at or 'never')[:19]:<20} {r.digest[:16]}"
         )
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
     page = reg.list(
-        task=args.task, base=args.base, domain=args.domain, limit=args.limit, offset=args.offset
+        task=args.task,
+        base=args.base,
+        domain=args.domain,
+        sort=args.sort,
+        unused_since=args.unused_since,
+        limit=args.limit,
+        offset=args.offset,
     )
     if args.json:
-        _print_json({"total": page.total, "limit": page.limit, "offset": page.offset,
-                     "items": [r.summary() for r in page.items]})  # fmt: skip
+        items = [r.summary() for r in page.items]
+        _print_json(
+            {"total": page.total, "limit": page.limit, "offset": page.offset, "items": items}
+        )
     else:
         _table(page.items)
         print(f"({len(page.items)} of {page.total})")
@@ -190,13 +206,18 @@ def cmd_adapters_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_alias(args: argparse.Namespace) -> int:
+    from .splits import parse_split
+
     reg = _registry(args)
     if args.remove:
         reg.remove_alias(args.task, args.alias)
         print(f"removed alias {args.alias} of {args.task}")
+    elif args.weights is not None:
+        shares = reg.set_split(args.task, args.alias, parse_split(args.weights))
+        total = sum(sh.weight for sh in shares)
+        split = ", ".join(f"v{sh.version} {100 * sh.weight / total:g}%" for sh in shares)
+        print(f"{args.task}@{args.alias} -> {split}")
     else:
-        if args.version is None:
-            raise CLIError("give --version N (or --remove)")
         reg.set_alias(args.task, args.alias, args.version)
         print(f"{args.task}@{args.alias} -> v{args.version}")
     return 0

@@ -89,7 +89,9 @@ class AdapterRow(Base):
 
 
 class AliasRow(Base):
-    """``(task, alias) → version``; removed with the version it points at."""
+    """``(task, alias) → version``, one row per version the alias names: a plain alias has one
+    row, a weighted alias (a traffic split) one per version with its ``weight``. A row is removed
+    with the version it points at; the alias's other versions then share its traffic."""
 
     __tablename__ = "aliases"
     __table_args__ = (
@@ -103,9 +105,34 @@ class AliasRow(Base):
 
     task: Mapped[str] = mapped_column(String(128), primary_key=True)
     alias: Mapped[str] = mapped_column(String(128), primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    weight: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class UsageRow(Base):
+    """What one version has served, summed over every replica (each adds its counts in batches).
+    Removed with the version."""
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["task", "version"],
+            ["adapters.task", "adapters.version"],
+            name="fk_usage_task_version_adapters",
+            ondelete="CASCADE",
+        ),
+    )
+
+    task: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_served_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, index=True
     )
 
 

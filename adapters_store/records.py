@@ -30,6 +30,19 @@ class AdapterRecord(AdapterMeta):
     aliases: list[str] = field(
         default_factory=list, metadata={DOC: "Aliases pointing at this version."}
     )
+    alias_shares: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            DOC: "Per alias naming this version, the percentage of the alias's traffic it gets "
+            "(100 for a plain alias; less for a weighted one)."
+        },
+    )
+    requests: int = field(default=0, metadata={DOC: "Requests served, all replicas together."})
+    images: int = field(default=0, metadata={DOC: "Images served, all replicas together."})
+    errors: int = field(default=0, metadata={DOC: "Requests resolved to this version that failed."})
+    last_served_at: str | None = field(
+        default=None, metadata={DOC: "When a replica last served it (UTC); null if never."}
+    )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.__dict__:
@@ -48,7 +61,9 @@ class AdapterRecord(AdapterMeta):
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+        return {
+            k: (type(v)(v) if isinstance(v, list | dict) else v) for k, v in self.__dict__.items()
+        }
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ re-registration of the same bytes can never lose its blob). The reads are in
 from __future__ import annotations
 
 import builtins
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -40,14 +41,16 @@ from .names import check_name
 from .reads import CatalogReads
 from .records import AdapterRecord, FsckReport, Registration
 from .serving_base import ServingBase
+from .splits import PLAIN_WEIGHT, Share, check_split
+from .usage import UsageDelta, add_usage
 
 
-def _point_alias(session: Session, task: str, alias: str, version: int) -> None:
-    row = session.get(AliasRow, (task, alias))
-    if row is None:
-        session.add(AliasRow(task=task, alias=alias, version=version))
-    else:
-        row.version = version
+def _point_alias(session: Session, task: str, alias: str, shares: Sequence[Share]) -> None:
+    """Make ``alias`` name exactly ``shares`` (one version for a plain alias)."""
+    session.execute(delete(AliasRow).where(AliasRow.task == task, AliasRow.alias == alias))
+    session.add_all(
+        AliasRow(task=task, alias=alias, version=sh.version, weight=sh.weight) for sh in shares
+    )
 
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
@@ -143,20 +146,39 @@ class Registry(CatalogReads):
             ))  # fmt: skip
             if alias is not None:
                 s.flush()  # the version row exists before the alias names it
-                _point_alias(s, meta.task, alias, version)
+                _point_alias(s, meta.task, alias, [Share(version, PLAIN_WEIGHT)])
         return self.get(meta.task, version)
 
     # ------------------------------------------------------------------------------ mutations
 
     def set_alias(self, task: str, alias: str, version: int) -> None:
+        """Point ``alias`` at one version (a weighted alias becomes a plain one)."""
+        self.set_split(task, alias, {version: PLAIN_WEIGHT})
+
+    def set_split(self, task: str, alias: str, weights: Mapping[int, int]) -> list[Share]:
+        """Make ``alias`` a weighted alias over ``weights`` (version → weight; one version makes
+        a plain alias). Every version must exist; in one transaction, so a refusal changes
+        nothing. Returns the shares in version order."""
         check_name(alias, "alias")
+        shares = check_split(weights)
         with self.catalog.write() as s:
-            exists = s.execute(
-                select(AdapterRow.id).where(AdapterRow.task == task, AdapterRow.version == version)
-            ).scalar()
-            if exists is None:
-                raise AdapterNotFound(f"task {task!r} has no version {version}")
-            _point_alias(s, task, alias, version)
+            # Alias writes of one task take turns on its task row (SQLite's writers take turns
+            # already): two replicas naming a new alias at once must not leave both versions.
+            s.execute(select(TaskRow.name).where(TaskRow.name == task).with_for_update())
+            found = set(
+                s.execute(
+                    select(AdapterRow.version).where(
+                        AdapterRow.task == task, AdapterRow.version.in_(list(weights))
+                    )
+                ).scalars()
+            )
+            missing = sorted(set(weights) - found)
+            if missing:
+                raise AdapterNotFound(
+                    f"task {task!r} has no version {', '.join(map(str, missing))}"
+                )
+            _point_alias(s, task, alias, shares)
+        return shares
 
     def remove_alias(self, task: str, alias: str) -> None:
         with self.catalog.write() as s:
@@ -176,6 +198,10 @@ class Registry(CatalogReads):
                 delete(AdapterRow).where(AdapterRow.task == task, AdapterRow.version == version)
             )
         return record
+
+    def add_usage(self, deltas: Mapping[tuple[str, int], UsageDelta]) -> int:
+        """Add one replica's counts per ``(task, version)`` (see :mod:`adapters_store.usage`)."""
+        return add_usage(self.catalog, deltas)
 
     # ------------------------------------------------------------------------------ blobs
 

@@ -74,12 +74,23 @@ class Deleted(BaseModel):
     deleted: AdapterRef
 
 
+class AliasShare(BaseModel):
+    """One version of a weighted alias and its weight (its share is weight / the weights' sum)."""
+
+    version: int = Field(ge=1, le=2**31 - 1)
+    weight: int = Field(ge=1, le=10_000)
+
+
 class AliasSet(BaseModel):
     """``PUT /admin/adapters/{task}/aliases/{alias}``: where the alias points now."""
 
     task: str
     alias: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, description="The version; of a weighted alias, its heaviest.")
+    split: list[AliasShare] = Field(
+        description="Every version the alias names with its weight, in version order (one "
+        "version of weight 100 for a plain alias)."
+    )
 
 
 class AliasRemoved(BaseModel):
@@ -103,6 +114,12 @@ class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     fingerprint: str | None = Field(None, description="The loaded base's fingerprint.")
     reason: str | None = Field(None, description="Why the server is not ready yet.")
+    adapters_loaded: int | None = Field(
+        None, ge=0, description="Prepared adapters in the cache now (once ready)."
+    )
+    preloaded: int | None = Field(
+        None, ge=0, description="Adapters --preload prepared before the server turned ready."
+    )
 
 
 class BaseStatus(BaseModel):

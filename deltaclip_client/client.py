@@ -160,13 +160,17 @@ class Client:
         version: int | None = None,
         alias: str | None = None,
         top_k: int = 5,
+        client_key: str | None = None,
     ) -> Prediction:
-        """Classify images (bytes or file paths) with ``task``'s adapter, one request."""
+        """Classify images (bytes or file paths) with ``task``'s adapter, one request.
+        ``client_key``: the key a weighted alias hashes to one of its versions (sticky)."""
         params: dict[str, Any] = {"task": task, "top_k": top_k}
         if version is not None:
             params["version"] = version
         if alias is not None:
             params["alias"] = alias
+        if client_key is not None:
+            params["client"] = client_key
         files = [_part(image, i) for i, image in enumerate(images)]
         body = self._json("POST", "/predict", params=params, files=files)
         return _read(Prediction.model_validate, body, "POST /predict")
@@ -196,12 +200,14 @@ class Client:
         return _read(AdapterPage.from_json, body, "GET /adapters")
 
     def task(self, task: str) -> dict[str, Any]:
-        """``{"task", "aliases": {alias: version}, "versions": [summary, ...]}``."""
+        """``{"task", "aliases": {alias: version}, "splits": {alias: [{"version", "weight"},
+        ...]}, "versions": [summary, ...]}``."""
         return self._json("GET", f"/adapters/{task}")
 
     def resolve(self, task: str, version: int | None = None, alias: str | None = None) -> int:
         """The version the server would use: ``version``, else ``alias``, else ``production``,
-        else the newest (docs/API.md, Resolution)."""
+        else the newest (docs/API.md, Resolution); of a weighted alias, its heaviest version
+        (the server picks one per client key)."""
         if version is not None:
             return version
         info = self.task(task)
@@ -263,6 +269,13 @@ class Client:
         """Point ``alias`` of ``task`` at ``version``."""
         path = f"/admin/adapters/{task}/aliases/{alias}"
         body = self._json("PUT", path, json={"version": version})
+        return _read(AliasSet.model_validate, body, f"PUT {path}")
+
+    def set_split(self, task: str, alias: str, weights: Mapping[int, int]) -> AliasSet:
+        """Make ``alias`` of ``task`` a weighted alias: ``{version: weight}``."""
+        path = f"/admin/adapters/{task}/aliases/{alias}"
+        split = [{"version": v, "weight": w} for v, w in sorted(weights.items())]
+        body = self._json("PUT", path, json={"split": split})
         return _read(AliasSet.model_validate, body, f"PUT {path}")
 
     def remove_alias(self, task: str, alias: str) -> AliasRemoved:

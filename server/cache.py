@@ -155,6 +155,31 @@ class AdapterCache:
                     self._evict_locked()
         _settle(future, prepared)
 
+    def preload(self, record: AdapterRecord) -> bool:
+        """Prepare ``record`` now (on this thread) and keep it if it fits in the budget beside
+        what is cached, never evicting anything for it; False when it does not fit. For start-up
+        (``--preload``): each one kept goes in front of the others in the LRU order, so the
+        first preloaded (the most used) are the last to be evicted."""
+        if record.digest in self:
+            return True
+        start = time.perf_counter()
+        prepared = self._loader(record)
+        self._metrics.cold_load.observe(time.perf_counter() - start)
+        with self._lock:
+            if record.digest in self._entries:
+                return True
+            if self.bytes + prepared.nbytes > self.max_bytes:
+                return False
+            self._entries[record.digest] = prepared
+            self._entries.move_to_end(record.digest, last=False)
+            self.bytes += prepared.nbytes
+            self._gauges_locked()
+        return True
+
+    def _gauges_locked(self) -> None:
+        self._metrics.cache_bytes.set(self.bytes)
+        self._metrics.cache_resident.set(len(self._entries))
+
     def _evict_locked(self) -> None:
         pinned = set(self._pins.values())
         for digest in list(self._entries):
@@ -164,7 +189,7 @@ class AdapterCache:
                 continue
             self.bytes -= self._entries.pop(digest).nbytes
             self._metrics.cache_evictions.inc()
-        self._metrics.cache_bytes.set(self.bytes)
+        self._gauges_locked()
 
     def pin(self, task: str, digest: str) -> str | None:
         """Pin ``task`` to ``digest`` (its current resolution); the digest it was pinned to
@@ -190,7 +215,7 @@ class AdapterCache:
             if entry is not None:
                 self.bytes -= entry.nbytes
                 self._metrics.cache_evictions.inc()
-                self._metrics.cache_bytes.set(self.bytes)
+                self._gauges_locked()
             return entry is not None
 
     def close(self) -> None:

@@ -118,16 +118,41 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _alias_label(alias: str, share: float) -> str:
+    """``production``, or ``production 90%`` for a version of a weighted alias."""
+    return alias if share == 100 else f"{alias} {share:g}%"
+
+
+def _usage(r: Any) -> dict[str, Any]:
+    return {
+        "requests": f"{r.requests:,}",
+        "images": f"{r.images:,}",
+        "errors": f"{r.errors:,}",
+        "last_served": (r.last_served_at or "never")[:19].replace("T", " "),
+    }
+
+
 def _row(r: Any, shapes: Mapping[str, tuple[int, ...]] | None, same_base: bool) -> dict[str, Any]:
     dense = r.eligible_params * 4
     return {
-        "task": r.task, "version": r.version, "aliases": list(r.aliases),
+        **_usage(r),
+        "task": r.task, "version": r.version,
+        "aliases": [_alias_label(a, share) for a, share in r.alias_shares.items()],
         "source_domain": r.source_domain, "target_domain": r.target_domain, "method": r.method,
         "accuracy": _accuracy(r.metrics), "density": f"{r.density:.3%}", "nnz": f"{r.nnz:,}",
         "size": _size(r.size_bytes), "ratio": f"{dense / r.size_bytes:,.0f}×" if r.size_bytes else "–",
         "chart": layer_chart(layer_counts(r.param_counts, shapes if same_base else None)),
         "digest": r.digest,
     }  # fmt: skip
+
+
+SORT_LABELS = {
+    "task": "task",
+    "requests": "most requests",
+    "images": "most images",
+    "errors": "most errors",
+    "last_served": "last served",
+}
 
 
 def render(
@@ -137,6 +162,7 @@ def render(
     limit: int,
     offset: int,
     task: str | None,
+    sort: str = "task",
     base_label: str,
     shapes: Mapping[str, tuple[int, ...]] | None,
     base_fingerprint: str | None,
@@ -148,6 +174,8 @@ def render(
     """
     rows = [_row(r, shapes, base_fingerprint == r.base_fingerprint) for r in records]
     query: dict[str, Any] = {"task": task} if task else {}
+    if sort != "task":
+        query["sort"] = sort
     previous = (
         urlencode({**query, "offset": max(0, offset - limit), "limit": limit})
         if offset > 0
@@ -164,5 +192,12 @@ def render(
         else "no adapters registered yet"
     )
     return _ENV.get_template("catalog.html").render(
-        rows=rows, task=task, base_label=base_label, shown=shown, previous=previous, next=following
+        rows=rows,
+        task=task,
+        sort=sort,
+        sorts=SORT_LABELS,
+        base_label=base_label,
+        shown=shown,
+        previous=previous,
+        next=following,
     )

@@ -28,6 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.pin:
         overrides["pin"] = args.pin
+    if args.preload:
+        overrides["preload"] = args.preload
     settings = ServerSettings(**overrides)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -87,6 +89,13 @@ def register(sub: Any) -> None:
         action="append",
         metavar="TASK",
         help="preload and never evict this task (repeatable)",
+    )
+    p.add_argument(
+        "--preload",
+        action="append",
+        metavar="SPEC",
+        help="before turning ready, prepare top:N (the N most requested adapters) or "
+        "alias:NAME (every version NAME names), within the cache budget (repeatable)",
     )
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request")

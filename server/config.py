@@ -12,6 +12,8 @@ from pydantic_settings import NoDecode
 
 from adapters_store.config import StoreSettings
 
+from .preload import parse_preload
+
 
 class ServerSettings(StoreSettings):
     host: str = "127.0.0.1"
@@ -29,6 +31,17 @@ class ServerSettings(StoreSettings):
     )
     pin_refresh_s: float = Field(
         10.0, gt=0, description="pinned tasks are re-resolved this often (aliases moved elsewhere)"
+    )
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="adapters prepared before the server turns ready, within cache_bytes: "
+        "top:N (the N most requested) and/or alias:NAME (every version the alias names)",
+    )
+    usage_flush_s: float = Field(
+        5.0, gt=0, description="usage counts are added to the catalog this often (in batches)"
+    )
+    metrics_tasks: int = Field(
+        50, ge=0, le=10_000, description="tasks with their own latency series; the rest: other"
     )
     base_check_s: float = Field(
         60.0, gt=0, description="the live weights are checked at most this often, between rounds"
@@ -71,7 +84,14 @@ class ServerSettings(StoreSettings):
         description="sent as X-Deltaclip-Replica on every response (which replica answered)",
     )
 
-    @field_validator("pin", mode="before")
+    @field_validator("preload")
+    @classmethod
+    def _check_preload(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_preload(spec)
+        return value
+
+    @field_validator("pin", "preload", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         """``DELTACLIP_PIN=a,b`` as the docs show it; a JSON list (``["a", "b"]``) too."""

@@ -31,7 +31,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The app: routes, one error table (:mod:`server.errors`), body limits per path, and a
     lifespan that owns the :class:`Runtime` its :class:`Service` works on."""
     settings = settings or ServerSettings()
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_tasks)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -7,6 +7,9 @@ in :mod:`server.engine`, the cache in :mod:`server.cache`.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,16 +17,48 @@ UNROUTED = "unrouted"
 """The ``route`` label of a response given before routing (a head or body over its limit) or
 for a path no route takes."""
 
+OTHER_TASKS = "_other"
+"""The ``task`` label of every task without a label of its own (no task name starts with ``_``,
+so it never collides with one)."""
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class TaskLabels:
+    """The ``task`` label values of the per-task series: at most ``limit`` tasks keep their name,
+    every other task is counted under :data:`OTHER_TASKS`, so the series stay bounded however
+    many tasks are served. A task keeps its label for the life of the process (a series never
+    moves between its own label and ``_other``, so counters stay monotonic). The slots go first
+    to the catalog's most requested tasks at start-up (:meth:`seed`, all replicas' traffic),
+    the rest to tasks in the order they are first served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def seed(self, tasks: Iterable[str]) -> None:
+        for task in tasks:
+            self.label(task)
+
+    def label(self, task: str) -> str:
+        with self._lock:
+            if task in self._named:
+                return task
+            if len(self._named) < self.limit:
+                self._named.add(task)
+                return task
+        return OTHER_TASKS
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, task_labels: int = 50) -> None:
         self.registry = CollectorRegistry()
+        self.tasks = TaskLabels(task_labels)
         r = self.registry
         self.request_latency = Histogram(
             "deltaclip_request_seconds",
-            "End-to-end /predict latency",
+            f"End-to-end /predict latency; task is {OTHER_TASKS} beyond METRICS_TASKS tasks",
             ["task"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -58,10 +93,24 @@ class Metrics:
         self.cache_bytes = Gauge(
             "deltaclip_cache_bytes", "Bytes held by prepared adapters", registry=r
         )
+        self.cache_resident = Gauge(
+            "deltaclip_cache_resident_adapters", "Prepared adapters held in memory", registry=r
+        )
+        self.adapters_served = Gauge(
+            "deltaclip_adapters_served",
+            "Distinct adapter versions this replica has served since it started",
+            registry=r,
+        )
         self.cold_load = Histogram(
-            "deltaclip_cold_load_seconds", "Store → prepared adapter (read, verify, validate, prepare)",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r,
-        )  # fmt: skip
+            "deltaclip_cold_load_seconds",
+            "Store → prepared adapter (read, verify, validate, prepare)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=r,
+        )
+
+    def observe_request(self, task: str, seconds: float) -> None:
+        """One /predict answered for ``task`` (under its bounded label)."""
+        self.request_latency.labels(task=self.tasks.label(task)).observe(seconds)
 
 
 class ResponseMetricsMiddleware:

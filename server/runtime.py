@@ -31,6 +31,8 @@ from .errors import NotReady
 from .images import ImageLimits, Preprocessor
 from .metrics import Metrics
 from .planner import CostModel, Planner, measure_costs, rows_counter
+from .preload import plan, preload
+from .usage import UsageRecorder
 
 log = logging.getLogger("deltaclip.server")
 
@@ -49,7 +51,7 @@ class Serving:
 class Runtime:
     def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.metrics_tasks)
         # Opening the registry checks the catalog schema: a catalog not at head stops start-up.
         self.registry = Registry.from_settings(settings)
         self.engine: Engine | None = None
@@ -66,6 +68,9 @@ class Runtime:
             registry=self.metrics.registry,
         )
         self.rows_served = rows_counter(self.metrics.registry)
+        self.usage = UsageRecorder(self.registry, self.metrics)
+        self.preloaded: int | None = None  # adapters --preload prepared, once it has run
+        self._preloading: tuple[int, int] | None = None  # (done, of) while it runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # background tasks (strong references)
 
@@ -80,6 +85,9 @@ class Runtime:
             return self.load_error
         if self.batcher is not None and self.batcher.down is not None:
             return self.batcher.down
+        if self._preloading is not None:
+            done, total = self._preloading
+            return f"preloading adapters ({done} of {total})"
         return "loading the base model"
 
     async def load(self) -> None:
@@ -101,6 +109,7 @@ class Runtime:
             return
         self.engine, self.loaded_fingerprint = engine, sig.fingerprint
         self._loop = asyncio.get_running_loop()
+        self._spawn(self._flush_usage_every())
         limits = ImageLimits(s.max_images, s.max_image_pixels, s.max_request_pixels)
         self.images = Preprocessor(engine.transforms, limits)
         self.cache = AdapterCache(AdapterLoader(self.registry, engine), s.cache_bytes, self.metrics)
@@ -120,6 +129,7 @@ class Runtime:
         )
         batcher.start()
         await self.refresh_pins()
+        await self._warm(sig.fingerprint)
         self.batcher = batcher  # last: ready from here on
         if s.pin:
             self._spawn(self._poll_pins())
@@ -133,12 +143,53 @@ class Runtime:
             self.batcher.stop()
         if self.cache is not None:
             self.cache.close()
+        try:  # the last counts of this replica
+            self.usage.flush()
+        except Exception as exc:
+            log.error("usage not added to the catalog at shutdown: %s", exc)
         self.registry.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------------------ warm start
+
+    async def _warm(self, fingerprint: str) -> None:
+        """Before turning ready: give the latency series' task labels to the catalog's most
+        requested tasks, and prepare the adapters ``--preload`` names (within the cache)."""
+        s, cache = self.settings, self.cache
+        try:
+            if s.metrics_tasks:
+                limit = min(1000, s.metrics_tasks)
+                top = await asyncio.to_thread(self.registry.list, sort="requests", limit=limit)
+                self.metrics.tasks.seed(r.task for r in top.items if r.requests)
+            if s.preload and cache is not None:
+                self._preloading = (0, 0)
+                records = await asyncio.to_thread(plan, self.registry, s.preload, fingerprint)
+                self.preloaded = await asyncio.to_thread(
+                    preload, records, cache.preload, self._preload_progress
+                )
+        except Exception as exc:  # a warm start is an optimisation: serve cold rather than not
+            log.error("warm start incomplete: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._preloading = None
+
+    def _preload_progress(self, done: int, total: int) -> None:
+        self._preloading = (done, total)
+
+    async def _flush_usage_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.usage_flush_s)
+            await self.flush_usage()
+
+    async def flush_usage(self) -> None:
+        """Add this replica's usage counts to the catalog now (kept for the next try on error)."""
+        try:
+            await asyncio.to_thread(self.usage.flush)
+        except Exception as exc:
+            log.warning("usage not added to the catalog (kept for the next batch): %s", exc)
 
     # ------------------------------------------------------------------------------ pins
 
@@ -153,7 +204,7 @@ class Runtime:
             if wanted is not None and task not in wanted:
                 continue
             try:
-                record = await asyncio.to_thread(self.registry.resolve, task)
+                record = await asyncio.to_thread(self.registry.pinned, task)
                 if self.cache.pin(task, record.digest) is not None:
                     log.info("pin %r moved to v%d", task, record.version)
                 await self.cache.get(record)

@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from starlette.requests import ClientDisconnect
 
 from adapters_store.records import AdapterRecord, Page, Registration
+from adapters_store.splits import Share
 
 from .baseproof import BaseProof
 from .batcher import Batcher, CallTimeout, QueueFull, WorkerDown
@@ -56,6 +57,16 @@ class Prediction:
     class_names: list[str]
     probs: torch.Tensor
     path: str = "patched"  # "mixed" when any image rode in a mixed-task forward
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A finished job of one adapter: its future (holding the probabilities), its path, and
+    the adapter's class names."""
+
+    future: asyncio.Future[Any]
+    path: str
+    class_names: list[str]
 
 
 @dataclass(frozen=True)
@@ -105,31 +116,49 @@ class Service:
         read: ReadImages,
         gone: Gone | None = None,
         exact: bool = False,
+        key: str | None = None,
     ) -> Prediction:
         """Resolve the task's adapter, decode the images at its training size and run them.
         ``exact``: only the patched path may serve it (bit-identical to the merged model).
+        ``key``: the client's key, which a weighted alias hashes to one of its versions.
 
-        The store refuses a version and an alias together (400 ``invalid_request``)."""
+        The store refuses a version and an alias together (400 ``invalid_request``). The
+        answer, or the failure, of a resolved request is counted in the version's usage."""
         start = time.perf_counter()
         serving = self.runtime.require_ready()
+        usage = self.runtime.usage
         with self._admitted(serving) as ticket:
-            record = await asyncio.to_thread(self.runtime.registry.resolve, task, version, alias)
-            # The adapter first: its cold load re-checks what serving reads (image size among
-            # it), so a stored adapter from before those checks is refused before any decode.
-            prepared = await serving.cache.get(record)
-            files = await read()
-            images = await asyncio.to_thread(serving.images.batch, files, record.train_config)
-            run = partial(serving.engine.run, prepared)
-            mix = None
-            if not exact and prepared.correction is not None:
-                mix = MixSpec(prepared.correction, partial(serving.engine.head_probs, prepared))
-            job = await self._infer(
-                serving.batcher, ticket, prepared.digest, run, images, gone, mix
-            )
-        self.runtime.metrics.request_latency.labels(task=record.task).observe(
-            time.perf_counter() - start
-        )
-        return Prediction(record, prepared.class_names, job.future.result(), job.path)
+            resolve = self.runtime.registry.resolve
+            record = await asyncio.to_thread(resolve, task, version, alias, key)
+            try:
+                job, images = await self._run(serving, ticket, record, read, gone, exact)
+            except BaseException:
+                usage.failed(record.task, record.version)
+                raise
+        usage.served(record.task, record.version, images.shape[0])
+        self.runtime.metrics.observe_request(record.task, time.perf_counter() - start)
+        return Prediction(record, job.class_names, job.future.result(), job.path)
+
+    async def _run(
+        self,
+        serving: Serving,
+        ticket: Ticket,
+        record: AdapterRecord,
+        read: ReadImages,
+        gone: Gone | None,
+        exact: bool,
+    ) -> tuple[Answered, torch.Tensor]:
+        # The adapter first: its cold load re-checks what serving reads (image size among
+        # it), so a stored adapter from before those checks is refused before any decode.
+        prepared = await serving.cache.get(record)
+        files = await read()
+        images = await asyncio.to_thread(serving.images.batch, files, record.train_config)
+        run = partial(serving.engine.run, prepared)
+        mix = None
+        if not exact and prepared.correction is not None:
+            mix = MixSpec(prepared.correction, partial(serving.engine.head_probs, prepared))
+        job = await self._infer(serving.batcher, ticket, prepared.digest, run, images, gone, mix)
+        return Answered(job.future, job.path, prepared.class_names), images
 
     async def zero_shot(
         self, labels: list[str], read: ReadImages, gone: Gone | None = None
@@ -238,10 +267,13 @@ class Service:
         await self.runtime.refresh_pins([rec.task])
         return rec
 
-    async def set_alias(self, task: str, alias: str, version: int) -> None:
-        await asyncio.to_thread(self.runtime.registry.set_alias, task, alias, version)
-        log.info("alias %s@%s -> v%d", task, alias, version)
+    async def set_alias(self, task: str, alias: str, weights: Mapping[int, int]) -> list[Share]:
+        """Point ``alias`` at one version (``{version: 100}``) or split it over several."""
+        shares = await asyncio.to_thread(self.runtime.registry.set_split, task, alias, weights)
+        split = ", ".join(f"v{sh.version}:{sh.weight}" for sh in shares)
+        log.info("alias %s@%s -> %s", task, alias, split)
         await self.runtime.refresh_pins([task])
+        return shares
 
     async def remove_alias(self, task: str, alias: str) -> None:
         await asyncio.to_thread(self.runtime.registry.remove_alias, task, alias)
@@ -265,6 +297,14 @@ class Service:
     @property
     def loaded_fingerprint(self) -> str | None:
         return self.runtime.loaded_fingerprint
+
+    @property
+    def adapters_loaded(self) -> int:
+        return len(self.runtime.cache) if self.runtime.cache is not None else 0
+
+    @property
+    def preloaded(self) -> int | None:
+        return self.runtime.preloaded
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition, with the queue depth read now."""
@@ -312,10 +352,12 @@ class Service:
             cache_bytes=cache.bytes,
         )
 
-    async def catalog(self, task: str | None, limit: int, offset: int) -> CatalogView:
+    async def catalog(
+        self, task: str | None, limit: int, offset: int, sort: str = "task"
+    ) -> CatalogView:
         """A page of the catalog; the layer sizes are known once the base is loaded."""
-        registry = self.runtime.registry
-        page = await asyncio.to_thread(registry.list, task=task, limit=limit, offset=offset)
+        listing = partial(self.runtime.registry.list, task=task, sort=sort)
+        page = await asyncio.to_thread(listing, limit=limit, offset=offset)
         engine = self.runtime.engine
         sig = engine.signature if engine is not None else None
         s = self.settings

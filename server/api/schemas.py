@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, create_model
 
 from adapters_store.format.schema import DOC
 from adapters_store.records import SUMMARY_OMITS, AdapterRecord
+from deltaclip_api import AliasShare
 
 
 def _record_fields(omit: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -56,5 +57,10 @@ class TaskVersions(BaseModel):
     """A task's versions (oldest first) and its aliases."""
 
     task: str
-    aliases: dict[str, int] = Field(description="Alias → version.")
+    aliases: dict[str, int] = Field(
+        description="Alias → version (for a weighted alias, its heaviest version)."
+    )
+    splits: dict[str, list[AliasShare]] = Field(
+        description="Alias → every version it names with its weight (one for a plain alias)."
+    )
     versions: list[AdapterSummary]

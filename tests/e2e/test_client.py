@@ -88,10 +88,20 @@ def test_every_call_against_a_live_server(admin: Client, tiny, tmp_path: Path) -
     same = admin.predict("cli-t", png_bytes(0), top_k=2)
     assert same.predictions[0] == answer.predictions[0]  # a path and its bytes: the same answer
 
+    split = admin.set_split("cli-t", "canary", {1: 50, 2: 50})
+    assert (split.version, [(s.version, s.weight) for s in split.split]) == (1, [(1, 50), (2, 50)])
+    keyed = {
+        k: admin.predict("cli-t", image, alias="canary", client_key=k).version for k in "abcdefgh"
+    }
+    assert set(keyed.values()) <= {1, 2} and len(keyed) == 8
+    assert all(
+        admin.predict("cli-t", image, alias="canary", client_key=k).version == v
+        for k, v in keyed.items()
+    )  # sticky
     admin.set_alias("cli-t", "production", 2)
     assert admin.predict("cli-t", image).version == 2
     admin.remove_alias("cli-t", "production")
-    assert admin.task("cli-t")["aliases"] == {}
+    assert admin.task("cli-t")["aliases"] == {"canary": 1}  # the split's heaviest (the first)
     deleted = admin.delete("cli-t", 2)
     assert (deleted.task, deleted.version, deleted.digest) == ("cli-t", 2, two.digest)
     assert admin.predict("cli-t", image).version == 1  # the newest left

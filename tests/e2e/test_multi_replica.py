@@ -4,11 +4,7 @@ replica is killed mid-load."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,69 +13,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters_store.catalog import upgrade
 from adapters_store.format.codec import encode_adapter
 from adapters_store.synthetic import random_adapter
-from server.deploy import nginx_conf
 from tests.conftest import ADMIN_TOKEN, png_bytes
+from tests.e2e.cluster import running_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 IMG = {"content": png_bytes(0), "headers": {"content-type": "image/png"}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{url} exited with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready")
-
-
 @pytest.fixture
 def cluster(pg_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Three replicas (each with its own home, as on separate hosts) and nginx in front."""
-    upgrade(pg_url)
-    replicas: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
-    for i in range(3):
-        port = free_port()
-        env = {**os.environ, "DELTACLIP_HOME": str(tmp_path / f"host-{i}"), "DELTACLIP_DATABASE_URL": pg_url,
-               "DELTACLIP_BASE_MODEL": "deltaclip-tiny", "DELTACLIP_BASE_PRETRAINED": "random",
-               "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN, "DELTACLIP_REPLICA_NAME": f"replica-{i}",
-               "OMP_NUM_THREADS": "1"}  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "adapters_store.cli", "serve", "--port", str(port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        replicas[f"replica-{i}"] = (f"http://127.0.0.1:{port}", proc)
-    front = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_conf([u.removeprefix("http://") for u, _ in replicas.values()], f"127.0.0.1:{front}",
-                               pid=str(tmp_path / "nginx.pid"), error_log=str(tmp_path / "nginx-error.log"),
-                               daemon=False))  # fmt: skip
-    nginx = subprocess.Popen(
-        ["nginx", "-p", str(tmp_path), "-c", str(conf)], stderr=subprocess.DEVNULL
-    )
-    try:
-        for url, proc in replicas.values():
-            wait_ready(url, proc)
-        yield f"http://127.0.0.1:{front}", replicas
-    finally:
-        nginx.terminate()
-        nginx.wait(10)
-        for _, proc in replicas.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(30)
+    with running_cluster(pg_url, tmp_path, replicas=3) as running:
+        yield running
 
 
 def test_routing_consistency_and_failover(cluster, tiny) -> None:  # type: ignore[no-untyped-def]

@@ -7,13 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.exc import OperationalError
 from starlette.requests import ClientDisconnect
 
 from adapters_store import errors as store
 from adapters_store.names import NAME_PATTERN
-from deltaclip_api import AdapterRef, AliasRemoved, AliasSet, Deleted, Registration
+from adapters_store.splits import MAX_SPLIT_VERSIONS, PLAIN_WEIGHT, heaviest
+from deltaclip_api import AdapterRef, AliasRemoved, AliasSet, AliasShare, Deleted, Registration
 
 from ...errors import (
     AdminDisabled,
@@ -46,7 +47,30 @@ def _one_file_only(_: int) -> InvalidRequest:
 
 
 class AliasBody(BaseModel):
-    version: int = Field(ge=1, le=2**31 - 1)
+    """Either ``version`` (a plain alias) or ``split`` (a weighted alias), not both."""
+
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    split: list[AliasShare] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SPLIT_VERSIONS,
+        description="Versions and weights, e.g. v3 weight 90 and v4 weight 10; each client "
+        "key (X-Deltaclip-Client or ?client=) sticks to one version.",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AliasBody:
+        if (self.version is None) == (self.split is None):
+            raise ValueError("give either version or split")
+        if self.split is not None and len({s.version for s in self.split}) != len(self.split):
+            raise ValueError("a version is named twice in split")
+        return self
+
+    def weights(self) -> dict[int, int]:
+        if self.split is None:
+            assert self.version is not None
+            return {self.version: PLAIN_WEIGHT}
+        return {share.version: share.weight for share in self.split}
 
 
 @router.post(
@@ -95,15 +119,16 @@ async def delete_version(service: ServiceDep, task: TaskPath, version: VersionPa
 
 @router.put(
     "/{task}/aliases/{alias}",
-    summary="Point an alias at a version",
+    summary="Point an alias at a version, or split it over several by weight",
     response_model=AliasSet,
-    responses=documented(*_ADMIN, store.AdapterNotFound, store.InvalidName),
+    responses=documented(*_ADMIN, store.AdapterNotFound, store.InvalidName, store.InvalidRequest),
 )
 async def put_alias(
     service: ServiceDep, task: TaskPath, alias: AliasPath, body: AliasBody
 ) -> AliasSet:
-    await service.set_alias(task, alias, body.version)
-    return AliasSet(task=task, alias=alias, version=body.version)
+    shares = await service.set_alias(task, alias, body.weights())
+    split = [AliasShare(version=sh.version, weight=sh.weight) for sh in shares]
+    return AliasSet(task=task, alias=alias, version=heaviest(shares).version, split=split)
 
 
 @router.delete(

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
 from adapters_store.names import NAME_PATTERN
+from adapters_store.usage import Sort
 
 from ...catalog_page import render
 from ...errors import documented
@@ -28,10 +29,18 @@ async def catalog_page(
     task: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    sort: Sort = "task",
 ) -> HTMLResponse:
-    view = await service.catalog(task, limit, offset)
+    view = await service.catalog(task, limit, offset, sort)
     body = render(
-        view.page.items, total=view.page.total, limit=limit, offset=offset, task=task,
-        base_label=view.base_label, shapes=view.shapes, base_fingerprint=view.base_fingerprint,
-    )  # fmt: skip
+        view.page.items,
+        total=view.page.total,
+        limit=limit,
+        offset=offset,
+        task=task,
+        sort=sort,
+        base_label=view.base_label,
+        shapes=view.shapes,
+        base_fingerprint=view.base_fingerprint,
+    )
     return HTMLResponse(body)

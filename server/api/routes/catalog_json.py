@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
@@ -12,6 +13,8 @@ from fastapi.responses import Response
 from adapters_store import errors as store
 from adapters_store.errors import AdapterNotFound
 from adapters_store.names import NAME_PATTERN
+from adapters_store.splits import heaviest
+from adapters_store.usage import AGE_PATTERN, Sort, parse_age
 
 from ...errors import documented
 from ..deps import RuntimeDep
@@ -43,14 +46,39 @@ async def list_adapters(
         str | None,
         Query(max_length=256, pattern=TEXT_PATTERN, description="source or target domain"),
     ] = None,
+    sort: Annotated[
+        Sort,
+        Query(
+            description="task (name, newest version first) or most requests/images/errors, "
+            "most recently served first"
+        ),
+    ] = "task",
+    unused_since: Annotated[
+        str | None,
+        Query(
+            pattern=AGE_PATTERN,
+            description="only versions not served for this long or "
+            "never, e.g. 30d (units s m h d w)",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> dict[str, Any]:
+    age = parse_age(unused_since) if unused_since is not None else None
     page = await asyncio.to_thread(
-        rt.registry.list, task=task, base=base, domain=domain, limit=limit, offset=offset
+        partial(
+            rt.registry.list,
+            task=task,
+            base=base,
+            domain=domain,
+            sort=sort,
+            unused_since=age,
+            limit=limit,
+            offset=offset,
+        )
     )
-    return {"total": page.total, "limit": page.limit, "offset": page.offset,
-            "items": [r.summary() for r in page.items]}  # fmt: skip
+    items = [r.summary() for r in page.items]
+    return {"total": page.total, "limit": page.limit, "offset": page.offset, "items": items}
 
 
 @router.get(
@@ -63,8 +91,13 @@ async def get_task(rt: RuntimeDep, task: TaskPath) -> dict[str, Any]:
     versions = await asyncio.to_thread(rt.registry.versions, task)
     if not versions:
         raise AdapterNotFound(f"no adapter registered for task {task!r}")
-    aliases = await asyncio.to_thread(rt.registry.aliases, task)
-    return {"task": task, "aliases": aliases, "versions": [r.summary() for r in versions]}
+    splits = await asyncio.to_thread(rt.registry.splits, task)
+    return {
+        "task": task,
+        "aliases": {alias: heaviest(shares).version for alias, shares in splits.items()},
+        "splits": {alias: [vars(sh) for sh in shares] for alias, shares in splits.items()},
+        "versions": [r.summary() for r in versions],
+    }
 
 
 @router.get(

@@ -54,7 +54,12 @@ def readyz(service: ServiceDep) -> Readiness | JSONResponse:
         return JSONResponse(
             body.model_dump(exclude_none=True), status_code=503, headers={"Retry-After": "5"}
         )
-    return Readiness(status="ready", fingerprint=service.loaded_fingerprint)
+    return Readiness(
+        status="ready",
+        fingerprint=service.loaded_fingerprint,
+        adapters_loaded=service.adapters_loaded,
+        preloaded=service.preloaded,
+    )
 
 
 @router.get(

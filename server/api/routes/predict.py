@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 
@@ -34,6 +34,10 @@ from ..deps import ServiceDep
 from ..uploads import read_files, upload_openapi
 
 router = APIRouter(tags=["predict"])
+
+_KEY = r"^[!-~]+$"
+"""A client key: printable ASCII without spaces (what a header carries safely)."""
+_KEY_OR_NONE = r"^[!-~]*$"
 
 _IMAGE_BODY = upload_openapi(
     {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}, raw_images=True
@@ -97,12 +101,19 @@ async def predict(
         bool,
         Query(description="serve by the patched path only (bit-identical to the merged model)"),
     ] = False,
+    client: Annotated[str | None, Query(min_length=1, max_length=256, pattern=_KEY)] = None,
+    x_deltaclip_client: Annotated[
+        str, Header(max_length=256, pattern=_KEY_OR_NONE, description="the client's key")
+    ] = "",
 ) -> Prediction:
     """Answers with the adapter that was used (task, version, digest), the path that served
-    it (``patched`` or ``mixed``, also in ``X-Deltaclip-Path``) and, per image, the top-k labels."""
+    it (``patched`` or ``mixed``, also in ``X-Deltaclip-Path``) and, per image, the top-k labels.
+    A weighted alias serves each client key (``client``, else the ``X-Deltaclip-Client`` header)
+    from one of its versions, always the same; without a key, one picked at random by weight."""
     read = _image_reader(request, service.settings.max_images)
     gone = _disconnect_watcher(request)
-    result = await service.classify(task, version, alias, read, gone, exact=exact)
+    key = client if client is not None else (x_deltaclip_client or None)
+    result = await service.classify(task, version, alias, read, gone, exact=exact, key=key)
     record = result.record
     response.headers["X-Deltaclip-Path"] = result.path
     return Prediction(
