@@ -47,14 +47,19 @@ def test_the_transposed_projection_delta_is_its_weight_transposed() -> None:
     torch.testing.assert_close(d.csr.to_dense(), dense.T)
 
 
+@pytest.mark.parametrize("chunk", [400, 10, 5])  # whole runs; two rows and a rest; row by row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_linear_corrects_each_run_of_rows_and_leaves_base_rows(dtype: torch.dtype) -> None:
-    """Two tasks' runs, one of them two rows long, and base rows at both ends and between."""
-    x = torch.randn(6, 5, 32).to(dtype)  # [rows, tokens, features]
-    out = torch.randn(6, 5, 48).to(dtype)
+def test_linear_corrects_each_run_of_rows_and_leaves_base_rows(  # type: ignore[no-untyped-def]
+    dtype: torch.dtype, chunk: int, monkeypatch
+) -> None:
+    """Two tasks' runs, one of them three rows long, and base rows at both ends and between,
+    with the columns of one sparse product capped so that a run is split into chunks."""
+    monkeypatch.setattr(apply, "CHUNK_COLUMNS", chunk)
+    x = torch.randn(7, 5, 32).to(dtype)  # [rows, tokens, features]
+    out = torch.randn(7, 5, 48).to(dtype)
     expected = out.clone().float()
     deltas = []
-    for seed, (start, count) in ((1, (1, 2)), (2, (4, 1))):
+    for seed, (start, count) in ((1, (1, 3)), (2, (5, 1))):
         pos, values, dense = sparse_delta((48, 32), 16 if seed == 2 else 1, seed)
         deltas.append(((start, count), matrix_delta(pos, values, MatrixLayout(48, 32), CPU)))
         rows = slice(start, start + count)
@@ -63,7 +68,7 @@ def test_linear_corrects_each_run_of_rows_and_leaves_base_rows(dtype: torch.dtyp
         apply.linear(out, x, rows, d)
     tol = 1e-5 if dtype == torch.float32 else 0
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
-    assert torch.equal(out[[0, 3, 5]].float(), expected[[0, 3, 5]])  # base rows untouched
+    assert torch.equal(out[[0, 4, 6]].float(), expected[[0, 4, 6]])  # base rows untouched
 
 
 @pytest.mark.parametrize("rows", [(0, 1), (1, 2)])
