@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .corrections import MatrixDelta, NotMixable, VectorDelta
+from .corrections import MatrixDelta, VectorDelta
 
 Rows = tuple[int, int]  # (first batch row, number of rows)
 
@@ -32,13 +32,20 @@ those rows leave the cache (measured with a 3072×768 delta at 0.5 %: 200 column
 def linear(out: torch.Tensor, x: torch.Tensor, rows: Rows, d: MatrixDelta) -> None:
     """``out += x @ ΔWᵀ`` on ``rows`` (features on the last dimension of ``x`` and ``out``).
 
-    Two calls per chunk of rows (:data:`CHUNK_COLUMNS`) for a full-width delta: ``ΔW @ xᵀ`` in
+    A compact delta (few output features, :data:`server.corrections.COMPACT_BELOW`) gathers
+    the input features it reads and scatters into the outputs it touches. Two calls per chunk
+    of rows (:data:`CHUNK_COLUMNS`) for a full-width delta: ``ΔW @ xᵀ`` in
     float32 over a row-major copy of the chunk's ``xᵀ`` (the kernel runs ~1.4× faster on it than
     on the transposed view, copy included), and its add, rounded once, into ``outᵀ``, a view
     (no scatter). (``outᵀ.addmm_`` in one call measured slower: torch copies a column-major
     result.)"""
-    if not d.full:
-        raise NotMixable("a Linear correction needs the full-width form")
+    if not d.full:  # few output features: gather the inputs read, scatter the outputs
+        xs = _rows(x, rows)
+        xt = xs.reshape(-1, xs.shape[-1]).T.index_select(0, d.in_idx)  # [|U|, n·T]
+        corr = d.csr @ xt.float()  # [|V|, n·T]
+        o = _rows(out, rows)
+        o.view(-1, o.shape[-1]).index_add_(1, d.out_idx, corr.T.to(out.dtype))
+        return
     tokens = x[0].numel() // x.shape[-1]
     step = max(1, CHUNK_COLUMNS // tokens)
     for start in range(rows[0], rows[0] + rows[1], step):

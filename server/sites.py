@@ -17,7 +17,6 @@ and is always served by the patched path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -111,12 +110,14 @@ class ConvSite(Site):
 
     def install(self, work: Work) -> list[Handle]:
         geometry = self.geometry
-        apply_weight = apply.pointwise if self.pointwise else partial(apply.conv, geometry=geometry)
 
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             for rows, deltas in work:
-                if "weight" in deltas:
-                    apply_weight(out, args[0], rows, deltas["weight"])  # type: ignore[arg-type]
+                d: Any = deltas.get("weight")
+                if d is not None and d.full:  # a 1×1 convolution's full-width delta
+                    apply.pointwise(out, args[0], rows, d)
+                elif d is not None:
+                    apply.conv(out, args[0], rows, d, geometry)
                 if "bias" in deltas:
                     apply.vector_channels(out, rows, deltas["bias"])  # type: ignore[arg-type]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from server import apply
-from server.corrections import MatrixLayout, matrix_delta
+from server.corrections import COMPACT_BELOW, MatrixLayout, matrix_delta
 
 CPU = torch.device("cpu")
 
@@ -23,27 +23,38 @@ def positions(numel: int, density: float, block: int, seed: int) -> torch.Tensor
     return (starts[:, None] + torch.arange(block)).reshape(-1)
 
 
-def sparse_delta(shape: tuple[int, ...], block: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """``(pos, values, dense)``: a delta at ~5 % of a weight's positions."""
+def sparse_delta(
+    shape: tuple[int, ...], block: int, seed: int, density: float = 0.05
+) -> tuple[torch.Tensor, ...]:
+    """``(pos, values, dense)``: a delta at ``density`` of a weight's positions."""
     numel = int(torch.tensor(shape).prod())
-    pos = positions(numel, 0.05, block, seed)
+    pos = positions(numel, density, block, seed)
     values = torch.randn(pos.numel(), generator=torch.Generator().manual_seed(seed + 1))
     dense = torch.zeros(numel).index_put_((pos,), values).view(shape)
     return pos, values, dense
 
 
 @pytest.mark.parametrize("block", [1, 16])
-def test_a_linear_delta_is_full_width_and_exact(block: int) -> None:
-    pos, values, dense = sparse_delta((48, 32), block, seed=block)
+def test_a_linear_delta_on_many_outputs_is_full_width_and_exact(block: int) -> None:
+    pos, values, dense = sparse_delta((48, 32), block, seed=block, density=0.3)
     d = matrix_delta(pos, values, MatrixLayout(48, 32), CPU)
     assert d.full and d.out_idx.numel() == 0 and d.in_idx.numel() == 0
     assert d.nnz == pos.numel()
     torch.testing.assert_close(d.csr.to_dense(), dense)
 
 
+def test_a_linear_delta_on_few_outputs_stays_compact() -> None:
+    pos, values, dense = sparse_delta((48, 32), 16, seed=4, density=0.04)  # 3 blocks
+    d = matrix_delta(pos, values, MatrixLayout(48, 32), CPU)
+    assert not d.full and d.out_idx.numel() * COMPACT_BELOW <= 48
+    rows, cols = d.out_idx.long(), d.in_idx.long()
+    torch.testing.assert_close(d.csr.to_dense(), dense[rows][:, cols])
+
+
 def test_the_transposed_projection_delta_is_its_weight_transposed() -> None:
-    pos, values, dense = sparse_delta((32, 24), 16, seed=3)  # stored [in, out], x @ proj
+    pos, values, dense = sparse_delta((32, 24), 1, seed=3, density=0.3)  # [in, out]: x @ proj
     d = matrix_delta(pos, values, MatrixLayout(24, 32, transposed=True), CPU)
+    assert d.full
     torch.testing.assert_close(d.csr.to_dense(), dense.T)
 
 
@@ -60,13 +71,14 @@ def test_linear_corrects_each_run_of_rows_and_leaves_base_rows(  # type: ignore[
     out = torch.randn(7, 5, 48, generator=g).to(dtype)
     expected = out.clone().float()
     deltas = []
-    for seed, (start, count) in ((1, (1, 3)), (2, (5, 1))):
+    for seed, (start, count) in ((1, (1, 3)), (2, (5, 1))):  # full width, then compact
         pos, values, dense = sparse_delta((48, 32), 16 if seed == 2 else 1, seed)
         deltas.append(((start, count), matrix_delta(pos, values, MatrixLayout(48, 32), CPU)))
         rows = slice(start, start + count)
         expected[rows] = (expected[rows] + x[rows].float() @ dense.T).to(dtype).float()
-    for rows, d in deltas:
-        apply.linear(out, x, rows, d)
+    assert [d.full for _, d in deltas] == [True, False]
+    for run, d in deltas:
+        apply.linear(out, x, run, d)
     # float32: the product's summation order; half: one rounding step of the dtype at most
     tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
@@ -75,8 +87,9 @@ def test_linear_corrects_each_run_of_rows_and_leaves_base_rows(  # type: ignore[
 
 @pytest.mark.parametrize("rows", [(0, 1), (1, 2)])
 def test_a_pointwise_convolution_is_corrected_like_a_dense_1x1_convolution(rows) -> None:  # type: ignore[no-untyped-def]
-    pos, values, dense = sparse_delta((24, 16), 16, seed=5)
+    pos, values, dense = sparse_delta((24, 16), 16, seed=5, density=0.5)
     d = matrix_delta(pos, values, MatrixLayout(24, 16), CPU)
+    assert d.full
     g = torch.Generator().manual_seed(rows[1])
     x, out = torch.randn(3, 16, 5, 7, generator=g), torch.randn(3, 24, 5, 7, generator=g)
     expected = out.clone()
