@@ -24,9 +24,9 @@ from torch import nn
 
 from adapters_store.synthetic import random_adapter
 from adapters_store.transforms import native_size
-from bench.harness import fake_record, median, time_once, wait_for_quiet
+from bench.harness import fake_record, median, wait_for_quiet
 from bench.lora import build_peft, lora_params_per_rank, lora_rank_for
-from bench.servers import fast_adapter, task_sequence, tower_state
+from bench.servers import fast_adapter, full_queue, task_sequence, tower_state
 
 
 async def _closed_loop(batcher: Any, engine: Any, prepared: list[Any], n: int, clients: int, size: int) -> float:  # fmt: skip
@@ -146,20 +146,19 @@ def peft_mixed(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, 
     methods = {"deltaclip": deltaclip_batch, "peft_mixed": peft_batch, "merged": plain_batch}
     for fn in methods.values():  # warm-up
         fn(task_sequence(min(16, n_max), "uniform", args.max_batch, 0))
-    times: dict[tuple[int, str, str], list[float]] = {}
-    cells = [(1, "uniform")] + [(n, k) for n in args.peft_tasks if n > 1 for k in ("uniform", "zipf")]  # fmt: skip
-    loads = []
-    for rep in range(args.reps):
-        loads.append(wait_for_quiet(args.max_load, args.max_wait_s))
-        print(f"  in-process rep {rep + 1}/{args.reps} (load {loads[-1]['load1']})", flush=True)
-        for fn in methods.values():  # the first forward after an idle wait is slow: not timed
-            fn(task_sequence(min(16, n_max), "uniform", args.max_batch, rep))
-        for n, kind in cells:
-            seq = task_sequence(n, kind, args.max_batch * args.peft_batches, seed=rep * 31 + n)
-            batches = [seq[i : i + args.max_batch] for i in range(0, len(seq), args.max_batch)]
-            for name, fn in methods.items():
-                total = sum((time_once(partial(fn, b), sync) for b in batches), 0.0)
-                times.setdefault((n, kind, name), []).append(len(seq) / total)
+    cells = [(1, "uniform")]
+    cells += [(n, k) for n in args.peft_tasks if n > 1 for k in ("uniform", "zipf")]
+    times, loads = full_queue(
+        methods,
+        cells,
+        batch=args.max_batch,
+        batches=args.peft_batches,
+        reps=args.reps,
+        sync=sync,
+        wait=partial(wait_for_quiet, args.max_load, args.max_wait_s),
+        warm_tasks=min(16, n_max),
+        label="in-process rep",
+    )
     engine.restore_base()
     assert engine.patcher.is_pristine()
     rows = []

@@ -42,7 +42,7 @@ from bench.harness import (
     time_once,
     wait_for_quiet,
 )
-from bench.servers import fast_adapter, task_sequence, tower_state
+from bench.servers import fast_adapter, full_queue, tower_state
 
 SECTIONS = ["correction", "inprocess"]
 
@@ -161,19 +161,16 @@ def inprocess(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, A
         methods["peft_mixed"] = torch.inference_mode()(lambda tasks: pm(x, adapter_names=[f"t{t}" for t in tasks]))  # fmt: skip
         extra = {"lora_rank": r, "lora_params": r * per_rank}
     cells = [(1, "uniform")] + [(n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")]
-    times: dict[tuple[int, str, str], list[float]] = {}
-    loads = []
-    for rep in range(args.reps):
-        loads.append(wait_for_quiet(args.max_load, args.max_wait_s))
-        print(f"  rep {rep + 1}/{args.reps} (load {loads[-1]['load1']})", flush=True)
-        for fn in methods.values():  # the first forward after an idle wait is slow: not timed
-            fn(task_sequence(min(4, n_max), "uniform", b, rep))
-        for n, kind in cells:
-            seq = task_sequence(n, kind, b * args.batches, seed=rep * 31 + n)
-            batches = [seq[i : i + b] for i in range(0, len(seq), b)]
-            for name, fn in methods.items():
-                total = sum((time_once(partial(fn, batch), sync) for batch in batches), 0.0)
-                times.setdefault((n, kind, name), []).append(len(seq) / total)
+    times, loads = full_queue(
+        methods,
+        cells,
+        batch=b,
+        batches=args.batches,
+        reps=args.reps,
+        sync=sync,
+        wait=partial(wait_for_quiet, args.max_load, args.max_wait_s),
+        warm_tasks=min(4, n_max),
+    )
     engine.restore_base()
     assert engine.patcher.is_pristine()
     rows = []

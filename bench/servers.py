@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from adapters_store.bases import tower_parameters
 from adapters_store.format.codec import encode_adapter
 from adapters_store.head import HEAD_TYPE, TaskHead
 from adapters_store.serving_base import ServingBase
-from bench.harness import median, p
+from bench.harness import median, p, time_once
 
 CLASSES = [f"class {i}" for i in range(5)]
 ADMIN_TOKEN = "bench-admin-token"  # the benchmark servers' token (loopback only)
@@ -115,6 +116,42 @@ def popularity(n: int, kind: str) -> list[float]:
 
 def task_sequence(n: int, kind: str, count: int, seed: int) -> list[int]:
     return random.Random(seed).choices(range(n), weights=popularity(n, kind), k=count)
+
+
+Cell = tuple[int, str]  # (number of tasks, popularity)
+Times = dict[tuple[int, str, str], list[float]]  # (n, popularity, method) -> images/s per rep
+
+
+def full_queue(
+    methods: dict[str, Callable[[list[int]], Any]],
+    cells: list[Cell],
+    *,
+    batch: int,
+    batches: int,
+    reps: int,
+    sync: bool,
+    wait: Callable[[], dict[str, Any]],
+    warm_tasks: int,
+    label: str = "rep",
+) -> tuple[Times, list[dict[str, Any]]]:
+    """A full queue in process: per repetition (after ``wait()`` for a quiet machine) and cell,
+    ``batches`` batches of ``batch`` tasks drawn by the cell's popularity, each method timed on
+    the same batches, interleaved. Returns images/s per (n, popularity, method) and repetition,
+    and the load each repetition started at."""
+    times: Times = {}
+    loads = []
+    for rep in range(reps):
+        loads.append(wait())
+        print(f"  {label} {rep + 1}/{reps} (load {loads[-1]['load1']})", flush=True)
+        for fn in methods.values():  # the first forward after an idle wait is slow: not timed
+            fn(task_sequence(warm_tasks, "uniform", batch, rep))
+        for n, kind in cells:
+            seq = task_sequence(n, kind, batch * batches, seed=rep * 31 + n)
+            chunks = [seq[i : i + batch] for i in range(0, len(seq), batch)]
+            for name, fn in methods.items():
+                total = sum((time_once(partial(fn, c), sync) for c in chunks), 0.0)
+                times.setdefault((n, kind, name), []).append(len(seq) / total)
+    return times, loads
 
 
 async def closed_loop(client: Any, tasks: list[int], clients: int, jpeg: bytes) -> dict[str, Any]:

@@ -94,20 +94,30 @@ class ConvSite(Site):
         same = isinstance(module, Conv2dSame)
         self.geometry = apply.ConvGeometry(module, pad_same if same else None)
 
+        one = (1, 1)
+        kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+        unpadded = self.geometry.padding == (0, 0)
+        self.pointwise = kernel == one and stride == one and module.groups == 1 and unpadded
+
     def layout(self, role: str) -> MatrixLayout | None:
         if role != "weight":
             return None
         w: torch.Tensor = self.module.weight  # type: ignore[assignment]
+        if self.pointwise:  # a Linear over channels: the full-width form
+            return MatrixLayout(w.shape[0], w.shape[1])
         conv: nn.Conv2d = self.module  # type: ignore[assignment]
-        return MatrixLayout(w.shape[0], w.shape[1], conv.groups, w.shape[2] * w.shape[3])
+        return MatrixLayout(w.shape[0], w.shape[1], conv.groups, w.shape[2] * w.shape[3], conv=True)
 
     def install(self, work: Work) -> list[Handle]:
         geometry = self.geometry
 
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             for rows, deltas in work:
-                if "weight" in deltas:
-                    apply.conv(out, args[0], rows, deltas["weight"], geometry)  # type: ignore[arg-type]
+                d: Any = deltas.get("weight")
+                if d is not None and d.full:  # a 1×1 convolution's full-width delta
+                    apply.pointwise(out, args[0], rows, d)
+                elif d is not None:
+                    apply.conv(out, args[0], rows, d, geometry)
                 if "bias" in deltas:
                     apply.vector_channels(out, rows, deltas["bias"])  # type: ignore[arg-type]
 
