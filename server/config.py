@@ -69,10 +69,12 @@ class ServerSettings(StoreSettings):
         "image's answer does not depend on what it is batched with",
     )
     batch_mode: Literal["auto", "patched", "mixed"] = Field(
-        "auto",
-        description="auto: per round, the planner runs each task group patched or in mixed-task "
-        "forwards, whichever its cost model says is faster; patched: always patch (bit-exact); "
-        "mixed: mix whatever can be mixed (deterministic mode is always patched)",
+        "patched",
+        description="patched (default): always patch (bit-exact); mixed: mix whatever can be "
+        "mixed (within 1e-5 of patched; ahead of grouped swapping from ~16 tasks per round on "
+        "CPU, docs/BENCHMARKS.md); auto: per round, the planner runs each task group patched or "
+        "in mixed-task forwards, whichever its cost model says is faster (deterministic mode is "
+        "always patched)",
     )
     mix_costs: dict[str, float] | None = Field(
         None,

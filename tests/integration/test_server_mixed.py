@@ -41,7 +41,12 @@ def test_concurrent_tasks_are_answered_mixed_and_exact_requests_patched(
                 ("t1", 4, False), ("t2", 5, True)]  # fmt: skip
     # One round holds every request: the worker waits (up to 5 s) for max_batch images.
     settings = server_settings.model_copy(
-        update={"max_batch": len(requests), "max_wait_ms": 5000, "mix_costs": COSTS}
+        update={
+            "batch_mode": "auto",
+            "max_batch": len(requests),
+            "max_wait_ms": 5000,
+            "mix_costs": COSTS,
+        }
     )
     images = [png_bytes(200 + i) for i in range(len(requests))]
     with TestClient(create_app(settings)) as c:
