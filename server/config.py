@@ -41,7 +41,10 @@ class ServerSettings(StoreSettings):
         5.0, gt=0, description="usage counts are added to the catalog this often (in batches)"
     )
     metrics_tasks: int = Field(
-        50, ge=0, le=10_000, description="tasks with their own latency series; the rest: other"
+        50,
+        ge=0,
+        le=10_000,
+        description='tasks with their own latency series; the rest: task="_other"',
     )
     base_check_s: float = Field(
         60.0, gt=0, description="the live weights are checked at most this often, between rounds"
