@@ -12,6 +12,7 @@ from pydantic_settings import NoDecode
 
 from adapters_store.config import StoreSettings
 
+from .costs import CostModel
 from .preload import parse_preload
 
 
@@ -79,15 +80,23 @@ class ServerSettings(StoreSettings):
         "in mixed-task forwards, whichever its cost model says is faster (deterministic mode is "
         "always patched)",
     )
-    mix_costs: dict[str, float] | None = Field(
+    mix_costs: dict[str, Any] | None = Field(
         None,
-        description="the planner's cost model (server/planner.py CostModel fields, seconds) "
-        "instead of measuring it at start-up",
+        description="the planner's cost model instead of measuring it at start-up: JSON with "
+        "server/costs.py CostModel's fields (seconds; batch_s maps batch sizes to the seconds of "
+        "one forward); the measured model is logged at start-up in this form",
     )
     replica_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
         description="sent as X-Deltaclip-Replica on every response (which replica answered)",
     )
+
+    @field_validator("mix_costs")
+    @classmethod
+    def _check_mix_costs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            CostModel.parse(value)  # ValueError names the field
+        return value
 
     @field_validator("preload")
     @classmethod

@@ -6,10 +6,10 @@ runs the untouched base once over rows of many tasks and adds each task's sparse
 its rows: no swap and full batches, at the price of float rounding (docs/API.md) and a
 correction that costs in proportion to the task's changed weights and rows.
 
-For each drained round :meth:`Planner.split` compares, per group, what it would add to the
-round's time in each path (:class:`CostModel`, measured at start-up by :func:`measure_costs` or
-configured with ``DELTACLIP_MIX_COSTS``) and moves the groups that are cheaper mixed into one
-pseudo-group (:data:`MIXED`), scheduled fairly like any other group and run in mixed forwards
+For each drained round :meth:`Planner.split` prices the round (:class:`server.costs.CostModel`,
+measured at start-up by :func:`measure_costs` or configured with ``DELTACLIP_MIX_COSTS``):
+forwards at their batch sizes, swaps and corrections. It moves the groups whose mixing makes the
+round cheapest into one pseudo-group (:data:`MIXED`), scheduled fairly like any other group and run in mixed forwards
 of up to ``max_batch`` images. Fewer than two such groups: nothing is mixed (one group alone
 gains nothing from it). A job without a mix spec (the request asked for ``exact``, or its
 adapter has a parameter the mixed path cannot correct) always runs patched; deterministic mode
@@ -19,12 +19,12 @@ has no planner at all.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Literal
 
@@ -35,6 +35,7 @@ from adapters_store.synthetic import random_adapter
 from adapters_store.transforms import adapter_image_size
 
 from .corrections import Correction
+from .costs import CostModel, batch_sizes
 from .engine import Engine
 from .mixed import Part
 from .work import Job, hand_back
@@ -62,27 +63,6 @@ class MixSpec:
         return len(self.correction.sites) if self.correction is not None else 0
 
 
-@dataclass(frozen=True)
-class CostModel:
-    """Seconds: ``forward_s + image_s·n`` per forward of n images; ``swap_weight_s`` per changed
-    weight for a patch + restore; ``site_s`` per corrected module and ``weight_row_s`` per
-    changed weight and row in a mixed forward."""
-
-    forward_s: float
-    image_s: float
-    swap_weight_s: float
-    site_s: float
-    weight_row_s: float
-
-    def patched(self, n: int, nnz: int, patched_now: bool, max_batch: int) -> float:
-        swap = 0.0 if patched_now else self.swap_weight_s * nnz
-        return self.forward_s * math.ceil(n / max_batch) + self.image_s * n + swap
-
-    def mixed(self, n: int, spec: MixSpec, max_batch: int) -> float:
-        share = self.forward_s * n / max_batch + self.image_s * n
-        return share + self.site_s * spec.sites + self.weight_row_s * spec.nnz * n
-
-
 def rows_counter(registry: CollectorRegistry) -> Counter:
     return Counter(
         "deltaclip_rows_total",
@@ -107,18 +87,22 @@ class Planner:
 
     def split(self, groups: dict[Hashable, deque[Job]], current: Hashable) -> None:
         """Move the groups that are cheaper mixed into ``groups[MIXED]`` (oldest job first).
-        A group's jobs without a mix spec (``exact``) stay in the group, patched."""
-        chosen = []
+        A group's jobs without a mix spec (``exact``) stay in the group, patched.
+
+        The choice is per round: the groups are ranked by what mixing saves per row (their
+        patched forwards and swap against their correction), and of the plans "mix the first k"
+        the cheapest whole round wins: the mixed rows' forwards at their joint batch size, the
+        corrections, and the other groups' patched forwards and swaps."""
+        candidates = []
         for key, jobs in groups.items():
             mixable = [j for j in jobs if j.mix is not None]
-            if not mixable:
-                continue
-            spec = mixable[0].mix
-            n = sum(j.images.shape[0] for j in mixable)
-            mixed = self.cost.mixed(n, spec, self.max_batch)
-            patched = self.cost.patched(n, spec.nnz, key == current, self.max_batch)
-            if self.always or mixed < patched:
-                chosen.append(key)
+            if mixable:
+                kept = sum(j.images.shape[0] for j in jobs if j.mix is None)
+                candidates.append((key, mixable, kept))
+        if self.always:
+            chosen = [key for key, _, _ in candidates]
+        else:
+            chosen = self._cheapest(candidates, current)
         if len(chosen) < 2:
             return
         pooled = []
@@ -128,6 +112,35 @@ class Planner:
             if not groups[key]:
                 del groups[key]
         groups[MIXED] = deque(sorted(pooled, key=lambda j: j.enqueued))
+
+    def _cheapest(
+        self, candidates: list[tuple[Hashable, list[Job], int]], current: Hashable
+    ) -> list[Hashable]:
+        cost, b = self.cost, self.max_batch
+        ranked = []
+        for key, mixable, kept in candidates:
+            n = sum(j.images.shape[0] for j in mixable)
+            spec = mixable[0].mix
+            assert spec is not None
+            # What running these rows patched costs. A group that keeps exact jobs is patched
+            # anyway: mixing its other rows saves only their share of its forwards.
+            if kept:
+                patched = cost.forwards(n + kept, b) - cost.forwards(kept, b)
+            else:
+                swap = 0.0 if key == current else cost.swap(spec.nnz)
+                patched = cost.forwards(n, b) + swap
+            corrected = cost.correction(spec.sites, spec.nnz, n)
+            ranked.append(((patched - corrected) / n, key, n, patched, corrected))
+        ranked.sort(key=lambda r: -r[0])
+        best_k, best = 0, sum(r[3] for r in ranked)
+        rows, corrections, patched_rest = 0, 0.0, best
+        for k, (_, _, n, patched, corrected) in enumerate(ranked, start=1):
+            rows, corrections = rows + n, corrections + corrected
+            patched_rest -= patched
+            total = cost.forwards(rows, b) + corrections + patched_rest
+            if k >= 2 and total < best:
+                best_k, best = k, total
+        return [r[1] for r in ranked[:best_k]]
 
     def run(self, chunk: list[Job], patched: Callable[[list[Job]], None]) -> None:
         """One mixed forward for the chunk; a chunk of one task runs patched instead (exact at
@@ -163,11 +176,13 @@ class Planner:
 
 
 def measure_costs(engine: Engine, max_batch: int, reps: int = 2) -> CostModel:
-    """The cost model of this engine on its device, from a few timed forwards, a patch + restore
-    and two mixed forwards of a synthetic 0.5 % adapter (at start-up, before the worker runs)."""
+    """The cost model of this engine on its device: forwards at :func:`batch_sizes`, a patch +
+    restore and mixed forwards of a synthetic 0.5 % adapter (at start-up, before the worker
+    runs). Each timing is a median; the forwards are timed size by size in turns so that drift
+    of a shared machine hits every size alike."""
     size = adapter_image_size({}, engine.net)
-    b = max(2, min(max_batch, 4))
-    x1, xb = torch.zeros(1, 3, size, size), torch.zeros(b, 3, size, size)
+    sizes = batch_sizes(max_batch)
+    inputs = {n: torch.zeros(n, 3, size, size) for n in sizes}
 
     def timed_once(fn: Callable[[], object]) -> float:
         start = time.perf_counter()
@@ -176,12 +191,14 @@ def measure_costs(engine: Engine, max_batch: int, reps: int = 2) -> CostModel:
             torch.cuda.synchronize(engine.device)
         return time.perf_counter() - start
 
-    def timed(fn: Callable[[], object]) -> float:
-        fn()
-        return statistics.median(timed_once(fn) for _ in range(reps))
+    for n in sizes:  # warm-up: allocator, kernels picked per shape
+        engine.features(inputs[n])
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(reps):
+        for n in sizes:
+            samples[n].append(timed_once(partial(engine.features, inputs[n])))
+    batch_s = {n: statistics.median(v) for n, v in samples.items()}
 
-    one, full = timed(lambda: engine.features(x1)), timed(lambda: engine.features(xb))
-    image_s = max(0.0, (full - one) / (b - 1))
     adapter = random_adapter(engine.net, engine.signature, "calibration", density=0.005)
     record = SimpleNamespace(task="calibration", version=0, digest="calibration")
     probe = engine.prepare(record, adapter)
@@ -191,11 +208,14 @@ def measure_costs(engine: Engine, max_batch: int, reps: int = 2) -> CostModel:
         patcher.patch(probe.residual)
         patcher.restore(probe.residual)
 
-    swap = timed(patch_restore)
-    cost = CostModel(max(0.0, one - image_s), image_s, swap / max(1, probe.residual.nnz), 0, 0)
+    patch_restore()
+    swap = statistics.median(timed_once(patch_restore) for _ in range(reps))
+    swap_weight_s = swap / max(1, probe.residual.nnz)
     if probe.correction is None:
-        return cost
+        return CostModel(swap_weight_s=swap_weight_s, batch_s=batch_s)
     corr = probe.correction
+    b = max(2, min(max_batch, 4))
+    xb = torch.zeros(b, 3, size, size)
 
     def extra(parts: list[Part]) -> float:
         """What the corrections add to the plain forward: the median difference of the two
@@ -208,9 +228,8 @@ def measure_costs(engine: Engine, max_batch: int, reps: int = 2) -> CostModel:
     per_row = max(0.0, (with_all - with_one) / (b - 1))
     fixed = max(0.0, with_one - per_row)
     return CostModel(
-        cost.forward_s,
-        image_s,
-        cost.swap_weight_s,
-        fixed / max(1, len(corr.sites)),
-        per_row / max(1, corr.nnz),
+        swap_weight_s=swap_weight_s,
+        site_s=fixed / max(1, len(corr.sites)),
+        weight_row_s=per_row / max(1, corr.nnz),
+        batch_s=batch_s,
     )

@@ -11,6 +11,7 @@ when their alias may have moved.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Coroutine, Hashable, Iterable
@@ -26,11 +27,12 @@ from .baseproof import BaseCheck
 from .batcher import Batcher
 from .cache import AdapterCache, AdapterLoader
 from .config import ServerSettings
+from .costs import CostModel
 from .engine import Engine
 from .errors import NotReady
 from .images import ImageLimits, Preprocessor
 from .metrics import Metrics
-from .planner import CostModel, Planner, measure_costs, rows_counter
+from .planner import Planner, measure_costs, rows_counter
 from .preload import plan, preload
 from .usage import UsageRecorder
 
@@ -251,15 +253,17 @@ class Runtime:
         exists, so on this thread); None (patched only) if the measurement fails."""
         s = self.settings
         try:
-            cost = CostModel(**s.mix_costs) if s.mix_costs else measure_costs(engine, s.max_batch)
+            cost = (
+                CostModel.parse(s.mix_costs) if s.mix_costs else measure_costs(engine, s.max_batch)
+            )
         except Exception as exc:
             log.error(
                 "no mixed-task planner (serving patched only): %s: %s", type(exc).__name__, exc
             )
             engine.reset()
             return None
-        log.info("mixed-task planner, %s cost model: %s",
-                 "configured" if s.mix_costs else "measured", cost)  # fmt: skip
+        log.info("mixed-task planner, %s cost model (DELTACLIP_MIX_COSTS form): %s",
+                 "configured" if s.mix_costs else "measured", json.dumps(cost.as_config()))  # fmt: skip
         return Planner(cost, s.max_batch, engine.run_mixed, always=s.batch_mode == "mixed")
 
     def _current_key(self) -> Hashable:

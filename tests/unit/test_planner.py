@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import json
 import threading
 from collections import deque
 from functools import partial
@@ -21,9 +22,10 @@ from torch import nn
 from adapters_store.bases import BaseSignature
 from adapters_store.synthetic import random_adapter
 from server.batcher import Batcher
+from server.costs import CostModel
 from server.engine import Engine, PreparedAdapter
 from server.metrics import Metrics
-from server.planner import MIXED, CostModel, MixSpec, Planner, measure_costs
+from server.planner import MIXED, MixSpec, Planner, measure_costs
 from server.work import Job
 from tests.unit.test_mixed import TOL, rel
 
@@ -34,23 +36,61 @@ def job(key: object, n: int, spec: MixSpec | None, t: float) -> Job:
     return Job(key, lambda x: x, torch.zeros(n, 1), None, None, None, mix=spec, enqueued=t)  # type: ignore[arg-type]
 
 
-def spec() -> MixSpec:
-    return MixSpec(None, lambda f: f)
+def spec(nnz: int = 0, sites: int = 0) -> MixSpec:
+    """A mix spec whose correction has ``nnz`` changed weights over ``sites`` modules (None:
+    base rows, no correction)."""
+    corr = SimpleNamespace(nnz=nnz, sites=[None] * sites) if nnz else None
+    return MixSpec(corr, lambda f: f)  # type: ignore[arg-type]
+
+
+# GPU-like: a batch of 16 costs twice one image. CPU-like: batching saves nothing.
+BATCHING = CostModel(swap_weight_s=1e-6, site_s=0.01, batch_s={1: 1.0, 16: 2.0})
+NO_BATCHING = CostModel(swap_weight_s=1e-6, site_s=0.01, batch_s={1: 1.0, 16: 16.0})
+
+
+def singles(n: int) -> dict[object, deque[Job]]:
+    return {f"t{i}": deque([job(f"t{i}", 1, spec(1000, 10), i)]) for i in range(n)}
 
 
 def test_small_groups_of_many_tasks_mix_and_a_full_group_of_one_task_stays_patched() -> None:
-    cost = CostModel(forward_s=1.0, image_s=0.1, swap_weight_s=0, site_s=0.05, weight_row_s=0)
-    planner = Planner(cost, 16, lambda parts, x: x)
+    planner = Planner(BATCHING, 16, lambda parts, x: x)
     groups = {
-        "a": deque([job("a", 1, spec(), 3), job("a", 1, spec(), 1), job("a", 1, None, 5)]),
-        "b": deque([job("b", 1, spec(), 2)]),
-        "big": deque([job("big", 16, spec(), 0)]),  # a full batch: no forward to save
+        "a": deque([job("a", 1, spec(1000, 10), 3), job("a", 1, None, 5)]),
+        "b": deque([job("b", 1, spec(1000, 10), 2)]),
+        "c": deque([job("c", 1, spec(1000, 10), 1)]),
+        "big": deque([job("big", 16, spec(1000, 10), 0)]),  # a full batch: no forward to save
         "exact": deque([job("exact", 1, None, 4)]),  # asked for the patched path
     }
     planner.split(groups, current=None)
+    # a's mixable row rides along with its exact job's patched forward for less than a
+    # correction costs, so only b and c (a forward each, patched) are mixed.
     assert set(groups) == {MIXED, "a", "big", "exact"}
-    assert [j.enqueued for j in groups["a"]] == [5]  # its exact job stays patched
-    assert [j.enqueued for j in groups[MIXED]] == [1, 2, 3]  # oldest first, tasks interleaved
+    assert [j.enqueued for j in groups["a"]] == [3, 5]
+    assert [j.enqueued for j in groups[MIXED]] == [1, 2]  # oldest first
+
+
+def test_whether_many_single_rows_mix_follows_what_batching_saves() -> None:
+    """Sixteen tasks with one image each: mixed where a batch of 16 costs about one image
+    (a forward each saved), patched where it costs 16 (the corrections would be pure cost)."""
+    mixing = singles(16)
+    Planner(BATCHING, 16, lambda parts, x: x).split(mixing, current=None)
+    assert list(mixing) == [MIXED] and len(mixing[MIXED]) == 16
+    patched = singles(16)
+    Planner(NO_BATCHING, 16, lambda parts, x: x).split(patched, current=None)
+    assert MIXED not in patched and len(patched) == 16
+
+
+def test_the_round_mixes_as_many_groups_as_lower_its_cost() -> None:
+    """Cheap tasks mix; a task whose correction costs more than its own patched forward and
+    swap (a dense adapter: 10^6 changed weights) stays patched, as does the patched-now task
+    whose group fills a forward."""
+    cost = CostModel(swap_weight_s=1e-7, site_s=0.01, weight_row_s=2e-6, batch_s={1: 1.0, 16: 2.0})
+    groups = singles(4)
+    groups["dense"] = deque([job("dense", 1, spec(1_000_000, 10), 9)])
+    groups["current"] = deque([job("current", 16, spec(1000, 10), 8)])
+    Planner(cost, 16, lambda parts, x: x).split(groups, current="current")
+    assert set(groups) == {MIXED, "dense", "current"}
+    assert sorted(j.key for j in groups[MIXED]) == ["t0", "t1", "t2", "t3"]
 
 
 def test_one_mixable_group_alone_is_not_mixed() -> None:
@@ -214,6 +254,8 @@ def test_the_cost_model_is_measured_without_leaving_anything_patched(
     engine,
 ) -> None:  # type: ignore[no-untyped-def]
     cost = measure_costs(engine, 8, reps=1)
-    values = [cost.forward_s, cost.image_s, cost.swap_weight_s, cost.site_s, cost.weight_row_s]
-    assert all(v >= 0 and v < 10 for v in values)
+    assert list(cost.batch_s) == [1, 2, 4, 8]  # forwards timed at each size
+    values = [*cost.batch_s.values(), cost.swap_weight_s, cost.site_s, cost.weight_row_s]
+    assert all(v >= 0 and v < 10 for v in values) and cost.batch_s[8] > 0
     assert engine.patcher.is_pristine() and engine.current is None
+    assert CostModel.parse(json.loads(json.dumps(cost.as_config()))) == cost  # pinnable as is
