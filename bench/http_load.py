@@ -71,8 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=csv_list(int), default=[1, 4, 16, 30, 64, 256], help="grid: N values")  # fmt: skip
     p.add_argument("--peft-tasks", type=csv_list(int), default=[1, 4, 16, 64, 256], help="peft: N values")  # fmt: skip
     p.add_argument("--density", type=float, default=0.005)
-    p.add_argument("--requests", type=int, help="grid: requests per cell and repetition")
-    p.add_argument("--clients", type=int, default=16, help="grid: closed-loop clients")
+    p.add_argument("--requests", type=int, help="grid: requests per cell and repetition at 16 in flight (scaled with --clients)")  # fmt: skip
+    p.add_argument("--clients", type=csv_list(int), default=[16], help="grid: closed-loop clients (requests in flight), one grid per value")  # fmt: skip
+    p.add_argument("--modes", type=csv_list(str), default=["patched"], help="grid: the servers' DELTACLIP_BATCH_MODE values (patched, mixed, auto), one server each")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--peft-batches", type=int, help="peft: batches per cell and repetition")
     p.add_argument("--small-cache-adapters", type=int, default=4)
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace, result: Result) -> None:
         args.reps, args.pairs = min(args.reps, 2), min(args.pairs, 10)
     args.requests = args.requests or (32 if args.quick else (1000 if cuda else 64))
     args.peft_batches = args.peft_batches or (2 if args.quick else (20 if cuda else 3))
-    result.data.update(base=args.base, arch=args.base, clients=args.clients,
+    result.data.update(base=args.base, arch=args.base, clients=args.clients[0],
+                       clients_grid=args.clients, modes=args.modes,
                        max_batch=args.max_batch, density=args.density)  # fmt: skip
     net, sig = load_base(args.base)
     result["tower_weights"] = sum(v.numel() for v in tower_parameters(net).values())
@@ -157,49 +159,62 @@ def grid(net: Any, sig: Any, args: argparse.Namespace, home: Path, result: Resul
     caches = {"large": int(per_adapter * n_max * 2) + (64 << 20),
               "small": int(per_adapter * (args.small_cache_adapters + 0.5))}  # fmt: skip
     result["cache_bytes"] = caches
-    result["http"] = {}
+    result["http"], result["modes"] = {}, []
     jpeg = jpeg_bytes()
     for cache in (c for c in caches if c in args.caches):
         cells = [(1, "uniform")] + [(n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")]  # fmt: skip
         if cache == "small":
             cells = [(n, k) for n, k in cells if n == 1 or n > args.small_cache_adapters]
-        with server(home, base_spec(args.base), args.device, args.max_batch, caches[cache]) as url:
-            res = asyncio.run(_server_grid(url, cells, args, cache, jpeg))
-        result["http"][cache] = {"rows": summarise(res["cells"]), "raw": res["cells"], "base_after": res["base_after"]}  # fmt: skip
-        result.save()
+        for mode in args.modes:
+            with server(home, base_spec(args.base), args.device, args.max_batch, caches[cache], mode) as url:  # fmt: skip
+                for clients in args.clients:
+                    res = asyncio.run(_server_grid(url, cells, args, cache, jpeg, clients))
+                    entry = {"rows": summarise(res["cells"]), "raw": res["cells"], "base_after": res["base_after"]}  # fmt: skip
+                    if mode == "patched" and clients == args.clients[0]:
+                        result["http"][cache] = entry  # the grouped grid of earlier runs
+                    result["modes"].append({"cache": cache, "mode": mode, "clients": clients, **entry})  # fmt: skip
+                    result.save()
 
 
 async def _server_grid(
-    url: str, cells: list[tuple[int, str]], args: argparse.Namespace, cache: str, jpeg: bytes
+    url: str,
+    cells: list[tuple[int, str]],
+    args: argparse.Namespace,
+    cache: str,
+    jpeg: bytes,
+    clients: int,
 ) -> dict[str, Any]:
     import httpx
 
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    requests = args.requests * max(1, clients // 16)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     results: dict[str, list[dict[str, Any]]] = {}
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         # warm-up: JIT, allocator, thread pools; for the large cache every task of the grid is
         # loaded once, so the large-cache cells measure warm serving
-        warm = list(range(max(n for n, _ in cells))) if cache == "large" else [0] * args.clients
-        await closed_loop(client, [*warm, *([0] * args.clients)], args.clients, jpeg)
+        warm = list(range(max(n for n, _ in cells))) if cache == "large" else [0] * clients
+        await closed_loop(client, [*warm, *([0] * clients)], clients, jpeg)
         for rep in range(args.reps):
             load = wait_for_quiet(args.max_load, args.max_wait_s)
-            print(f"  {cache} cache, rep {rep + 1}/{args.reps} (load {load['load1']})", flush=True)
+            print(f"  {cache} cache, {clients} in flight, rep {rep + 1}/{args.reps} (load {load['load1']})", flush=True)  # fmt: skip
             for n, kind in cells:
-                seq = task_sequence(n, kind, args.requests, seed=1000 * rep + 2 * n + (kind == "zipf"))  # fmt: skip
-                await closed_loop(client, task_sequence(n, kind, args.clients, seed=rep + 7), args.clients, jpeg)  # fmt: skip
+                seq = task_sequence(n, kind, requests, seed=1000 * rep + 2 * n + (kind == "zipf"))  # fmt: skip
+                await closed_loop(client, task_sequence(n, kind, clients, seed=rep + 7), clients, jpeg)  # fmt: skip
                 before = scrape((await client.get("/metrics")).text)
-                res = await closed_loop(client, seq, args.clients, jpeg)
+                res = await closed_loop(client, seq, clients, jpeg)
                 after = scrape((await client.get("/metrics")).text)
                 d = {k: after[k] - before[k] for k in after}
                 res.update({
                     "cold_loads": d["deltaclip_cache_misses_total"],
                     "evictions": d["deltaclip_cache_evictions_total"],
                     "mean_batch": d["deltaclip_batch_images_sum"] / max(1.0, d["deltaclip_batch_images_count"]),
+                    "mixed_share": d["rows_mixed"] / max(1.0, d["rows_mixed"] + d["rows_patched"]),
                     "load": load,
                 })  # fmt: skip
                 results.setdefault(f"{n}/{kind}", []).append(res)
                 print(f"    N={n:<3} {kind:<7} {res['rps']:6.1f} req/s  p50 {res['p50_ms']:7.0f} ms  "
                       f"p99 {res['p99_ms']:7.0f} ms  cold {res['cold_loads']:.0f}  batch {res['mean_batch']:.1f}  "
+                      f"mixed {res['mixed_share']:.0%}  "
                       f"errors {res['errors']}", flush=True)  # fmt: skip
         # A check now (GET /base would serve the last periodic one).
         base = (await client.post("/admin/base/check", headers=ADMIN)).json()
@@ -218,6 +233,7 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "rep_rps": [r["rps"] for r in reps], "p50_ms": median(lat), "p99_ms": p(lat, 0.99),
             "cold_loads_per_rep": median([r["cold_loads"] for r in reps]),
             "mean_batch": median([r["mean_batch"] for r in reps]),
+            "mixed_share": median([r.get("mixed_share", 0.0) for r in reps]),
             "errors": sum(r["errors"] for r in reps), "requests_per_rep": reps[0]["requests"],
         }  # fmt: skip
         if single:

@@ -187,6 +187,9 @@ def scrape(text: str) -> dict[str, float]:
                  "deltaclip_batch_images_sum", "deltaclip_batch_images_count"):  # fmt: skip
         m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
         out[name] = float(m.group(1)) if m else 0.0
+    for path in ("patched", "mixed"):
+        m = re.search(rf'^deltaclip_rows_total{{path="{path}"}} ([0-9.e+-]+)$', text, re.M)
+        out[f"rows_{path}"] = float(m.group(1)) if m else 0.0
     return out
 
 
@@ -198,7 +201,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(home: Path, base: tuple[str, str], device: str, max_batch: int,
-           cache_bytes: int | None = None) -> Iterator[str]:  # fmt: skip
+           cache_bytes: int | None = None, batch_mode: str = "patched") -> Iterator[str]:  # fmt: skip
     """A ``deltaclip serve`` process over the store in ``home``; yields its URL once ready."""
     import httpx
 
@@ -206,7 +209,8 @@ def server(home: Path, base: tuple[str, str], device: str, max_batch: int,
     env = {**os.environ, "DELTACLIP_HOME": str(home), "DELTACLIP_BASE_MODEL": base[0],
            "DELTACLIP_BASE_PRETRAINED": base[1], "DELTACLIP_DEVICE": device,
            "DELTACLIP_PORT": str(port), "DELTACLIP_MAX_BATCH": str(max_batch),
-           "DELTACLIP_QUEUE_SIZE": "1024", "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN}  # fmt: skip
+           "DELTACLIP_QUEUE_SIZE": "1024", "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN,
+           "DELTACLIP_BATCH_MODE": batch_mode}  # fmt: skip
     if cache_bytes is not None:
         env["DELTACLIP_CACHE_BYTES"] = str(cache_bytes)
     env.pop("DELTACLIP_DATABASE_URL", None)

@@ -331,7 +331,7 @@ class Batcher:
             if not groups[key]:
                 del groups[key]
             if chunk and key == MIXED and self._planner is not None:
-                self._planner.run(chunk, self._run_chunk)
+                self._planner.run(chunk, self._run_chunk, self._metrics.batch_size.observe)
             elif chunk:
                 self._run_chunk(chunk)
             if groups:

@@ -142,22 +142,29 @@ class Planner:
                 best_k, best = k, total
         return [r[1] for r in ranked[:best_k]]
 
-    def run(self, chunk: list[Job], patched: Callable[[list[Job]], None]) -> None:
-        """One mixed forward for the chunk; a chunk of one task runs patched instead (exact at
-        no extra cost), and if the mixed forward fails, each job is retried alone, patched.
-        Images of different sizes (adapters trained at other sizes) run in one forward per size."""
+    def run(
+        self,
+        chunk: list[Job],
+        patched: Callable[[list[Job]], None],
+        observe: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        """One mixed forward for the chunk (its image count passed to ``observe``); a chunk of
+        one task runs patched instead (exact at no extra cost), and if the mixed forward fails,
+        each job is retried alone, patched. Images of different sizes (adapters trained at other
+        sizes) run in one forward per size."""
         by_size: dict[tuple[int, ...], list[Job]] = {}
         for job in chunk:
             by_size.setdefault(tuple(job.images.shape[1:]), []).append(job)
         if len(by_size) > 1:
             for part in by_size.values():
-                self.run(part, patched)
+                self.run(part, patched, observe)
             return
         if len({job.key for job in chunk}) < 2:
             patched(chunk)
             return
         try:
             images = torch.cat([job.images for job in chunk])
+            observe(images.shape[0])
             parts = [(job.mix.correction, job.images.shape[0]) for job in chunk]
             features = self.run_mixed(parts, images)
             answers, start = [], 0

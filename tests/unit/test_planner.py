@@ -139,10 +139,12 @@ def mix_of(engine: Engine, p: PreparedAdapter) -> MixSpec:
     return MixSpec(p.correction, partial(engine.head_probs, p))
 
 
-def run_round(engine: Engine, submit, planner: Planner | None = None):  # type: ignore[no-untyped-def]
+def run_round(
+    engine: Engine, submit, planner: Planner | None = None, metrics: Metrics | None = None
+):  # type: ignore[no-untyped-def]
     """Hold the worker, queue what ``submit(batcher)`` queues, release: one round."""
     planner = planner or Planner(FREE_MIX, 16, engine.run_mixed, always=True)
-    b = Batcher(16, 0.01, 64, Metrics(), lambda: None, planner=planner)
+    b = Batcher(16, 0.01, 64, metrics or Metrics(), lambda: None, planner=planner)
     started, release = threading.Event(), threading.Event()
 
     async def main():  # type: ignore[no-untyped-def]
@@ -186,8 +188,12 @@ def test_a_round_of_many_tasks_is_answered_mixed_each_row_as_if_alone(engine, ti
             jobs.append(batcher.submit(key, fn, images, mix=mix))
         return jobs
 
-    jobs = run_round(engine, submit)
+    metrics = Metrics()
+    jobs = run_round(engine, submit, metrics=metrics)
     assert [j.path for j in jobs] == ["mixed"] * 5 + ["patched"]
+    # both forwards counted in the batch-size histogram: 6 rows mixed, 1 patched
+    forwards = metrics.registry.get_sample_value("deltaclip_batch_images_count")
+    assert (forwards, metrics.registry.get_sample_value("deltaclip_batch_images_sum")) == (2, 7)
     for j, (key, who, images) in zip(jobs, plan, strict=True):
         alone = engine.run(who, images) if who is not None else engine.run_zero_shot(emb, images)
         assert rel(j.future.result(), alone) <= TOL, key
