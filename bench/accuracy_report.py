@@ -114,6 +114,9 @@ def source_val(runs: Any, shifts: list[str], setting: str, seeds: set[int]) -> f
     return sum(v[seed] for v in vals for seed in seeds) / (len(vals) * len(seeds))
 
 
+TIE = 1e-6  # source-validation accuracies closer than this are equal (see retention_candidates)
+
+
 def retention_candidates(data: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """The RST ≤ 0.5 % row and its variants, each with its mean source-validation accuracy over
     the seeds they all have; and the key chosen on it (the highest), or ``None`` while incomplete.
@@ -129,7 +132,11 @@ def retention_candidates(data: dict[str, Any]) -> tuple[list[dict[str, Any]], st
     ]
     if any(c["source_val"] is None for c in out):
         return out, None
-    return out, max(out, key=lambda c: c["source_val"])["key"]
+    # Accuracies are image counts stored as float32: values within TIE of each other are the
+    # same count, and a tie goes to the first in the protocol's order (the plain row, then the
+    # smaller change), as the lr choice's ties go to the smaller lr.
+    best = max(c["source_val"] for c in out)
+    return out, next(c["key"] for c in out if c["source_val"] >= best - TIE)
 
 
 def retention_table(data: dict[str, Any]) -> str:

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from bench.accuracy_report import difference_table, report, retention_table, verdicts
+from bench.accuracy_report import (
+    difference_table,
+    report,
+    retention_candidates,
+    retention_table,
+    verdicts,
+)
 from bench.accuracy_stats import interval, mcnemar, mean_over_shifts, paired, ratio
 
 SHIFTS = ["a", "b"]
@@ -125,3 +131,23 @@ def test_the_rst_variant_is_chosen_on_source_validation_never_on_target_labels()
     assert keep["row"] == "cmkd-rst-0.005" and keep["chosen_on_source_val"] is True
     assert keep["retention"] == pytest.approx(0.8) and keep["met"] is False
     assert "| RST **(chosen)** | 80.0 (3 seeds) |" in retention_table(data)
+
+
+def test_a_source_validation_tie_goes_to_the_first_row_in_the_protocols_order() -> None:
+    """The same count of correct images read back from float32 differs in the last digits:
+    that is a tie, and the plainer row (earlier in the protocol) is chosen, not the float order."""
+    rows = []
+    for seed in range(2):
+        for shift in SHIFTS:
+            for key, val in [("cmkd-rst-0.005", 0.7), ("cmkd-rst-0.005-lr3x", 0.7962222231),
+                             ("cmkd-rst-0.005-lr10x", 0.7962222297)]:  # fmt: skip
+                row = run(shift, key, seed, "0000011111")
+                row["scores"]["source_val"] = {"accuracy": val}
+                rows.append(row)
+    data = study(rows)
+    for s in data["settings"]:
+        if s["key"] != "cmkd-rst-0.005":
+            s["variant_of"] = "cmkd-rst-0.005"
+    data["settings"].sort(key=lambda s: ["cmkd-rst-0.005", "cmkd-rst-0.005-lr3x",
+                                         "cmkd-rst-0.005-lr10x"].index(s["key"]))  # fmt: skip
+    assert retention_candidates(data)[1] == "cmkd-rst-0.005-lr3x"
