@@ -15,7 +15,11 @@ Sections:
   ``--requests`` per cell. Cells: N distinct tasks × popularity (uniform, Zipf s=1) × prepared-
   adapter cache (large: every task fits; small: room for ``--small-cache-adapters``). N=1 is the
   "one merged model" bound: it patches once, then runs full batches through the same HTTP stack,
-  decoding and batcher, so the ratio isolates what serving many tasks costs (key ``http``);
+  decoding and batcher, so the ratio isolates what serving many tasks costs (key ``http``).
+  With ``--modes`` one server per ``DELTACLIP_BATCH_MODE`` runs at once (idle but for its
+  turn) and every cell is measured on each in turn with the same requests, at each of
+  ``--clients`` (``--requests`` scaled by clients/16); key ``modes``, with the share of rows each
+  cell served mixed;
 * ``peft`` — PEFT LoRA mixed ``adapter_names`` batches against deltaclip's grouped batches and the
   plain tower, in process (key ``inprocess``; bench/inprocess.py).
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import tempfile
@@ -165,60 +170,77 @@ def grid(net: Any, sig: Any, args: argparse.Namespace, home: Path, result: Resul
         cells = [(1, "uniform")] + [(n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")]  # fmt: skip
         if cache == "small":
             cells = [(n, k) for n, k in cells if n == 1 or n > args.small_cache_adapters]
-        for mode in args.modes:
-            with server(home, base_spec(args.base), args.device, args.max_batch, caches[cache], mode) as url:  # fmt: skip
-                for clients in args.clients:
-                    res = asyncio.run(_server_grid(url, cells, args, cache, jpeg, clients))
+        with contextlib.ExitStack() as stack:  # every mode's server up at once, measured in turns
+            urls = {
+                mode: stack.enter_context(
+                    server(
+                        home, base_spec(args.base), args.device, args.max_batch, caches[cache], mode
+                    )
+                )
+                for mode in args.modes
+            }
+            for clients in args.clients:
+                by_mode = asyncio.run(_server_grid(urls, cells, args, cache, jpeg, clients))
+                for mode, res in by_mode.items():
                     entry = {"rows": summarise(res["cells"]), "raw": res["cells"], "base_after": res["base_after"]}  # fmt: skip
                     if mode == "patched" and clients == args.clients[0]:
                         result["http"][cache] = entry  # the grouped grid of earlier runs
                     result["modes"].append({"cache": cache, "mode": mode, "clients": clients, **entry})  # fmt: skip
-                    result.save()
+                result.save()
 
 
 async def _server_grid(
-    url: str,
+    urls: dict[str, str],
     cells: list[tuple[int, str]],
     args: argparse.Namespace,
     cache: str,
     jpeg: bytes,
     clients: int,
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
+    """Each cell measured on every server in turn (the same request sequence), so that the
+    drift of a shared machine hits the modes of a cell alike."""
     import httpx
 
     requests = args.requests * max(1, clients // 16)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    results: dict[str, list[dict[str, Any]]] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {mode: {} for mode in urls}
+    async with contextlib.AsyncExitStack() as stack:
+        http = {
+            mode: await stack.enter_async_context(
+                httpx.AsyncClient(base_url=url, timeout=300, limits=limits)
+            )
+            for mode, url in urls.items()
+        }
         # warm-up: JIT, allocator, thread pools; for the large cache every task of the grid is
         # loaded once, so the large-cache cells measure warm serving
         warm = list(range(max(n for n, _ in cells))) if cache == "large" else [0] * clients
-        await closed_loop(client, [*warm, *([0] * clients)], clients, jpeg)
+        for client in http.values():
+            await closed_loop(client, [*warm, *([0] * clients)], clients, jpeg)
         for rep in range(args.reps):
             load = wait_for_quiet(args.max_load, args.max_wait_s)
             print(f"  {cache} cache, {clients} in flight, rep {rep + 1}/{args.reps} (load {load['load1']})", flush=True)  # fmt: skip
             for n, kind in cells:
                 seq = task_sequence(n, kind, requests, seed=1000 * rep + 2 * n + (kind == "zipf"))  # fmt: skip
-                await closed_loop(client, task_sequence(n, kind, clients, seed=rep + 7), clients, jpeg)  # fmt: skip
-                before = scrape((await client.get("/metrics")).text)
-                res = await closed_loop(client, seq, clients, jpeg)
-                after = scrape((await client.get("/metrics")).text)
-                d = {k: after[k] - before[k] for k in after}
-                res.update({
-                    "cold_loads": d["deltaclip_cache_misses_total"],
-                    "evictions": d["deltaclip_cache_evictions_total"],
-                    "mean_batch": d["deltaclip_batch_images_sum"] / max(1.0, d["deltaclip_batch_images_count"]),
-                    "mixed_share": d["rows_mixed"] / max(1.0, d["rows_mixed"] + d["rows_patched"]),
-                    "load": load,
-                })  # fmt: skip
-                results.setdefault(f"{n}/{kind}", []).append(res)
-                print(f"    N={n:<3} {kind:<7} {res['rps']:6.1f} req/s  p50 {res['p50_ms']:7.0f} ms  "
-                      f"p99 {res['p99_ms']:7.0f} ms  cold {res['cold_loads']:.0f}  batch {res['mean_batch']:.1f}  "
-                      f"mixed {res['mixed_share']:.0%}  "
-                      f"errors {res['errors']}", flush=True)  # fmt: skip
+                for mode, client in http.items():
+                    await closed_loop(client, task_sequence(n, kind, clients, seed=rep + 7), clients, jpeg)  # fmt: skip
+                    before = scrape((await client.get("/metrics")).text)
+                    res = await closed_loop(client, seq, clients, jpeg)
+                    after = scrape((await client.get("/metrics")).text)
+                    d = {k: after[k] - before[k] for k in after}
+                    res.update({
+                        "cold_loads": d["deltaclip_cache_misses_total"],
+                        "evictions": d["deltaclip_cache_evictions_total"],
+                        "mean_batch": d["deltaclip_batch_images_sum"] / max(1.0, d["deltaclip_batch_images_count"]),
+                        "mixed_share": d["rows_mixed"] / max(1.0, d["rows_mixed"] + d["rows_patched"]),
+                        "load": load,
+                    })  # fmt: skip
+                    results[mode].setdefault(f"{n}/{kind}", []).append(res)
+                    print(f"    {mode:<7} N={n:<3} {kind:<7} {res['rps']:6.1f} req/s  p50 {res['p50_ms']:7.0f} ms  "
+                          f"p99 {res['p99_ms']:7.0f} ms  cold {res['cold_loads']:.0f}  batch {res['mean_batch']:.1f}  "
+                          f"mixed {res['mixed_share']:.0%}  errors {res['errors']}", flush=True)  # fmt: skip
         # A check now (GET /base would serve the last periodic one).
-        base = (await client.post("/admin/base/check", headers=ADMIN)).json()
-    return {"cells": results, "base_after": base}
+        bases = {mode: (await client.post("/admin/base/check", headers=ADMIN)).json() for mode, client in http.items()}  # fmt: skip
+    return {mode: {"cells": results[mode], "base_after": bases[mode]} for mode in urls}
 
 
 def summarise(cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
