@@ -72,17 +72,43 @@ SECTIONS = ["latency", "throughput", "grid", "peft"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, sections=SECTIONS, base="")
     p.add_argument("--pairs", type=int, default=40, help="latency: HTTP/in-process call pairs")
-    p.add_argument("--in-flight", type=csv_list(int), default=[32, 128, 480], help="throughput: requests in flight")  # fmt: skip
-    p.add_argument("--tasks", type=csv_list(int), default=[1, 4, 16, 30, 64, 256], help="grid: N values")  # fmt: skip
-    p.add_argument("--peft-tasks", type=csv_list(int), default=[1, 4, 16, 64, 256], help="peft: N values")  # fmt: skip
+    p.add_argument(
+        "--in-flight",
+        type=csv_list(int),
+        default=[32, 128, 480],
+        help="throughput: requests in flight",
+    )
+    p.add_argument(
+        "--tasks", type=csv_list(int), default=[1, 4, 16, 30, 64, 256], help="grid: N values"
+    )
+    p.add_argument(
+        "--peft-tasks", type=csv_list(int), default=[1, 4, 16, 64, 256], help="peft: N values"
+    )
     p.add_argument("--density", type=float, default=0.005)
-    p.add_argument("--requests", type=int, help="grid: requests per cell and repetition at 16 in flight (scaled with --clients)")  # fmt: skip
-    p.add_argument("--clients", type=csv_list(int), default=[16], help="grid: closed-loop clients (requests in flight), one grid per value")  # fmt: skip
-    p.add_argument("--modes", type=csv_list(str), default=["patched"], help="grid: the servers' DELTACLIP_BATCH_MODE values (patched, mixed, auto), one server each")  # fmt: skip
+    p.add_argument(
+        "--requests",
+        type=int,
+        help="grid: requests per cell and repetition at 16 in flight (scaled with --clients)",
+    )
+    p.add_argument(
+        "--clients",
+        type=csv_list(int),
+        default=[16],
+        help="grid: closed-loop clients (requests in flight), one grid per value",
+    )
+    p.add_argument(
+        "--modes",
+        type=csv_list(str),
+        default=["patched"],
+        help="grid: the servers' DELTACLIP_BATCH_MODE values (patched, mixed, auto), "
+        "one server each",
+    )
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--peft-batches", type=int, help="peft: batches per cell and repetition")
     p.add_argument("--small-cache-adapters", type=int, default=4)
-    p.add_argument("--caches", type=csv_list(str), default=["large", "small"], help="grid: cache sizes")  # fmt: skip
+    p.add_argument(
+        "--caches", type=csv_list(str), default=["large", "small"], help="grid: cache sizes"
+    )
     p.add_argument("--home", type=Path, help="grid: reuse this store folder (built if empty)")
 
 
@@ -95,9 +121,15 @@ def run(args: argparse.Namespace, result: Result) -> None:
         args.reps, args.pairs = min(args.reps, 2), min(args.pairs, 10)
     args.requests = args.requests or (32 if args.quick else (1000 if cuda else 64))
     args.peft_batches = args.peft_batches or (2 if args.quick else (20 if cuda else 3))
-    result.data.update(base=args.base, arch=args.base, clients=args.clients[0],
-                       clients_grid=args.clients, modes=args.modes,
-                       max_batch=args.max_batch, density=args.density)  # fmt: skip
+    result.data.update(
+        base=args.base,
+        arch=args.base,
+        clients=args.clients[0],
+        clients_grid=args.clients,
+        modes=args.modes,
+        max_batch=args.max_batch,
+        density=args.density,
+    )
     net, sig = load_base(args.base)
     result["tower_weights"] = sum(v.numel() for v in tower_parameters(net).values())
     if "latency" in args.sections:
@@ -130,11 +162,15 @@ def latency(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         register(Path(tmp), ServingBase.of(net, sig), iter([adapter]))
-        with server(Path(tmp), base_spec(args.base), args.device, args.max_batch) as url, \
-                httpx.Client(base_url=url, timeout=60) as c:  # fmt: skip
+        with (
+            server(Path(tmp), base_spec(args.base), args.device, args.max_batch) as url,
+            httpx.Client(base_url=url, timeout=60) as c,
+        ):
 
             def call() -> None:
-                c.post("/predict?task=http", content=jpeg, headers={"content-type": "image/jpeg"}).raise_for_status()  # fmt: skip
+                c.post(
+                    "/predict?task=http", content=jpeg, headers={"content-type": "image/jpeg"}
+                ).raise_for_status()
 
             for _ in range(3):
                 call()
@@ -145,10 +181,15 @@ def latency(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
                 http.append(time_once(call))
                 inproc.append(time_once(local))
     engine.restore_base()
-    return {"http_p50_ms": median(http) * 1e3, "http_p99_ms": p(http, 0.99) * 1e3,
-            "inprocess_p50_ms": median(inproc) * 1e3, "inprocess_p99_ms": p(inproc, 0.99) * 1e3,
-            "ratio": median([h / i for h, i in zip(http, inproc, strict=True)]),
-            "ratio_of_medians": median(http) / median(inproc), "pairs": args.pairs}  # fmt: skip
+    return {
+        "http_p50_ms": median(http) * 1e3,
+        "http_p99_ms": p(http, 0.99) * 1e3,
+        "inprocess_p50_ms": median(inproc) * 1e3,
+        "inprocess_p99_ms": p(inproc, 0.99) * 1e3,
+        "ratio": median([h / i for h, i in zip(http, inproc, strict=True)]),
+        "ratio_of_medians": median(http) / median(inproc),
+        "pairs": args.pairs,
+    }
 
 
 def grid(net: Any, sig: Any, args: argparse.Namespace, home: Path, result: Result) -> None:
@@ -161,13 +202,17 @@ def grid(net: Any, sig: Any, args: argparse.Namespace, home: Path, result: Resul
         result["store"] = json.loads((home / "store.json").read_text())
     (home / "store.json").write_text(json.dumps(result["store"]))
     per_adapter = 16 * result["store"]["nnz_mean"] + 8192  # prepared: int64 index + 2 float32s
-    caches = {"large": int(per_adapter * n_max * 2) + (64 << 20),
-              "small": int(per_adapter * (args.small_cache_adapters + 0.5))}  # fmt: skip
+    caches = {
+        "large": int(per_adapter * n_max * 2) + (64 << 20),
+        "small": int(per_adapter * (args.small_cache_adapters + 0.5)),
+    }
     result["cache_bytes"] = caches
     result["http"], result["modes"] = {}, []
     jpeg = jpeg_bytes()
     for cache in (c for c in caches if c in args.caches):
-        cells = [(1, "uniform")] + [(n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")]  # fmt: skip
+        cells = [(1, "uniform")] + [
+            (n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")
+        ]
         if cache == "small":
             cells = [(n, k) for n, k in cells if n == 1 or n > args.small_cache_adapters]
         with contextlib.ExitStack() as stack:  # every mode's server up at once, measured in turns
@@ -182,10 +227,16 @@ def grid(net: Any, sig: Any, args: argparse.Namespace, home: Path, result: Resul
             for clients in args.clients:
                 by_mode = asyncio.run(_server_grid(urls, cells, args, cache, jpeg, clients))
                 for mode, res in by_mode.items():
-                    entry = {"rows": summarise(res["cells"]), "raw": res["cells"], "base_after": res["base_after"]}  # fmt: skip
+                    entry = {
+                        "rows": summarise(res["cells"]),
+                        "raw": res["cells"],
+                        "base_after": res["base_after"],
+                    }
                     if mode == "patched" and clients == args.clients[0]:
                         result["http"][cache] = entry  # the grouped grid of earlier runs
-                    result["modes"].append({"cache": cache, "mode": mode, "clients": clients, **entry})  # fmt: skip
+                    result["modes"].append(
+                        {"cache": cache, "mode": mode, "clients": clients, **entry}
+                    )
                 result.save()
 
 
@@ -218,29 +269,51 @@ async def _server_grid(
             await closed_loop(client, [*warm, *([0] * clients)], clients, jpeg)
         for rep in range(args.reps):
             load = wait_for_quiet(args.max_load, args.max_wait_s)
-            print(f"  {cache} cache, {clients} in flight, rep {rep + 1}/{args.reps} (load {load['load1']})", flush=True)  # fmt: skip
+            where = f"{cache} cache, {clients} in flight, rep {rep + 1}/{args.reps}"
+            print(f"  {where} (load {load['load1']})", flush=True)
             for n, kind in cells:
-                seq = task_sequence(n, kind, requests, seed=1000 * rep + 2 * n + (kind == "zipf"))  # fmt: skip
+                seq = task_sequence(n, kind, requests, seed=1000 * rep + 2 * n + (kind == "zipf"))
+                prime = task_sequence(n, kind, clients, seed=rep + 7)
                 for mode, client in http.items():
-                    await closed_loop(client, task_sequence(n, kind, clients, seed=rep + 7), clients, jpeg)  # fmt: skip
-                    before = scrape((await client.get("/metrics")).text)
-                    res = await closed_loop(client, seq, clients, jpeg)
-                    after = scrape((await client.get("/metrics")).text)
-                    d = {k: after[k] - before[k] for k in after}
-                    res.update({
-                        "cold_loads": d["deltaclip_cache_misses_total"],
-                        "evictions": d["deltaclip_cache_evictions_total"],
-                        "mean_batch": d["deltaclip_batch_images_sum"] / max(1.0, d["deltaclip_batch_images_count"]),
-                        "mixed_share": d["rows_mixed"] / max(1.0, d["rows_mixed"] + d["rows_patched"]),
-                        "load": load,
-                    })  # fmt: skip
+                    res = await _cell(client, prime, seq, clients, jpeg)
+                    res["load"] = load
                     results[mode].setdefault(f"{n}/{kind}", []).append(res)
-                    print(f"    {mode:<7} N={n:<3} {kind:<7} {res['rps']:6.1f} req/s  p50 {res['p50_ms']:7.0f} ms  "
-                          f"p99 {res['p99_ms']:7.0f} ms  cold {res['cold_loads']:.0f}  batch {res['mean_batch']:.1f}  "
-                          f"mixed {res['mixed_share']:.0%}  errors {res['errors']}", flush=True)  # fmt: skip
+                    print(f"    {mode:<7} N={n:<3} {kind:<7} {_cell_line(res)}", flush=True)
         # A check now (GET /base would serve the last periodic one).
-        bases = {mode: (await client.post("/admin/base/check", headers=ADMIN)).json() for mode, client in http.items()}  # fmt: skip
+        bases = {
+            mode: (await client.post("/admin/base/check", headers=ADMIN)).json()
+            for mode, client in http.items()
+        }
     return {mode: {"cells": results[mode], "base_after": bases[mode]} for mode in urls}
+
+
+async def _cell(
+    client: Any, prime: list[int], seq: list[int], clients: int, jpeg: bytes
+) -> dict[str, Any]:
+    """One cell on one server: ``prime`` to fill the pipeline, then ``seq`` measured, with the
+    server's counters read before and after."""
+    await closed_loop(client, prime, clients, jpeg)
+    before = scrape((await client.get("/metrics")).text)
+    res = await closed_loop(client, seq, clients, jpeg)
+    after = scrape((await client.get("/metrics")).text)
+    d = {k: after[k] - before[k] for k in after}
+    forwards = max(1.0, d["deltaclip_batch_images_count"])
+    rows = max(1.0, d["rows_mixed"] + d["rows_patched"])
+    res.update(
+        cold_loads=d["deltaclip_cache_misses_total"],
+        evictions=d["deltaclip_cache_evictions_total"],
+        mean_batch=d["deltaclip_batch_images_sum"] / forwards,
+        mixed_share=d["rows_mixed"] / rows,
+    )
+    return res
+
+
+def _cell_line(res: dict[str, Any]) -> str:
+    return (
+        f"{res['rps']:6.1f} req/s  p50 {res['p50_ms']:7.0f} ms  p99 {res['p99_ms']:7.0f} ms  "
+        f"cold {res['cold_loads']:.0f}  batch {res['mean_batch']:.1f}  "
+        f"mixed {res['mixed_share']:.0%}  errors {res['errors']}"
+    )
 
 
 def summarise(cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -251,14 +324,21 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
         n, kind = key.split("/")
         lat = [x for r in reps for x in r["latencies_ms"]]
         row = {
-            "n": int(n), "popularity": kind, "rps": median([r["rps"] for r in reps]),
-            "rep_rps": [r["rps"] for r in reps], "p50_ms": median(lat), "p99_ms": p(lat, 0.99),
+            "n": int(n),
+            "popularity": kind,
+            "rps": median([r["rps"] for r in reps]),
+            "rep_rps": [r["rps"] for r in reps],
+            "p50_ms": median(lat),
+            "p99_ms": p(lat, 0.99),
             "cold_loads_per_rep": median([r["cold_loads"] for r in reps]),
             "mean_batch": median([r["mean_batch"] for r in reps]),
             "mixed_share": median([r.get("mixed_share", 0.0) for r in reps]),
-            "errors": sum(r["errors"] for r in reps), "requests_per_rep": reps[0]["requests"],
-        }  # fmt: skip
+            "errors": sum(r["errors"] for r in reps),
+            "requests_per_rep": reps[0]["requests"],
+        }
         if single:
-            row["vs_single"] = median([r["rps"] / s["rps"] for r, s in zip(reps, single, strict=True)])  # fmt: skip
+            row["vs_single"] = median(
+                [r["rps"] / s["rps"] for r, s in zip(reps, single, strict=True)]
+            )
         rows.append(row)
     return rows

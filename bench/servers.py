@@ -200,17 +200,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(home: Path, base: tuple[str, str], device: str, max_batch: int,
-           cache_bytes: int | None = None, batch_mode: str = "patched") -> Iterator[str]:  # fmt: skip
+def server(
+    home: Path,
+    base: tuple[str, str],
+    device: str,
+    max_batch: int,
+    cache_bytes: int | None = None,
+    batch_mode: str = "patched",
+) -> Iterator[str]:
     """A ``deltaclip serve`` process over the store in ``home``; yields its URL once ready."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "DELTACLIP_HOME": str(home), "DELTACLIP_BASE_MODEL": base[0],
-           "DELTACLIP_BASE_PRETRAINED": base[1], "DELTACLIP_DEVICE": device,
-           "DELTACLIP_PORT": str(port), "DELTACLIP_MAX_BATCH": str(max_batch),
-           "DELTACLIP_QUEUE_SIZE": "1024", "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN,
-           "DELTACLIP_BATCH_MODE": batch_mode}  # fmt: skip
+    env = {
+        **os.environ,
+        "DELTACLIP_HOME": str(home),
+        "DELTACLIP_BASE_MODEL": base[0],
+        "DELTACLIP_BASE_PRETRAINED": base[1],
+        "DELTACLIP_DEVICE": device,
+        "DELTACLIP_PORT": str(port),
+        "DELTACLIP_MAX_BATCH": str(max_batch),
+        "DELTACLIP_QUEUE_SIZE": "1024",
+        "DELTACLIP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "DELTACLIP_BATCH_MODE": batch_mode,
+    }
     if cache_bytes is not None:
         env["DELTACLIP_CACHE_BYTES"] = str(cache_bytes)
     env.pop("DELTACLIP_DATABASE_URL", None)

@@ -7,8 +7,8 @@ the model keeps a table of measured forward times by batch size (:attr:`CostMode
 interpolated in between, rather than a line through two points. Without a table (a configured
 model of the first form) a forward costs ``forward_s + image_s·n``.
 
-:func:`server.planner.measure_costs` measures the model at start-up; ``DELTACLIP_MIX_COSTS`` configures it
-(:meth:`CostModel.parse` checks it when the settings are read).
+:func:`server.planner.measure_costs` measures the model at start-up; ``DELTACLIP_MIX_COSTS``
+configures it (:meth:`CostModel.parse` checks it when the settings are read).
 """
 
 from __future__ import annotations
@@ -69,13 +69,10 @@ class CostModel:
         sizes = list(self.batch_s)
         if n in self.batch_s:
             return self.batch_s[n]
-        if n < sizes[0]:
+        if len(sizes) == 1 or n < sizes[0]:
             return self.batch_s[sizes[0]] * n / sizes[0]
-        right = next((i for i, s in enumerate(sizes) if s > n), len(sizes) - 1)
-        left = max(0, right - 1)
-        lo, hi = sizes[left], sizes[right]
-        if lo == hi:
-            return self.batch_s[lo] * n / lo
+        right = next((i for i, s in enumerate(sizes) if s > n), len(sizes) - 1)  # >= 1 here
+        lo, hi = sizes[right - 1], sizes[right]
         slope = (self.batch_s[hi] - self.batch_s[lo]) / (hi - lo)
         return max(0.0, self.batch_s[lo] + slope * (n - lo))
 

@@ -9,11 +9,11 @@ correction that costs in proportion to the task's changed weights and rows.
 For each drained round :meth:`Planner.split` prices the round (:class:`server.costs.CostModel`,
 measured at start-up by :func:`measure_costs` or configured with ``DELTACLIP_MIX_COSTS``):
 forwards at their batch sizes, swaps and corrections. It moves the groups whose mixing makes the
-round cheapest into one pseudo-group (:data:`MIXED`), scheduled fairly like any other group and run in mixed forwards
-of up to ``max_batch`` images. Fewer than two such groups: nothing is mixed (one group alone
-gains nothing from it). A job without a mix spec (the request asked for ``exact``, or its
-adapter has a parameter the mixed path cannot correct) always runs patched; deterministic mode
-has no planner at all.
+round cheapest into one pseudo-group (:data:`MIXED`), scheduled fairly like any other group and
+run in mixed forwards of up to ``max_batch`` images. Fewer than two such groups: nothing is
+mixed (one group alone gains nothing from it). A job without a mix spec (the request asked for
+``exact``, or its adapter has a parameter the mixed path cannot correct) always runs patched;
+deterministic mode has no planner at all.
 """
 
 from __future__ import annotations

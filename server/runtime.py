@@ -262,8 +262,11 @@ class Runtime:
             )
             engine.reset()
             return None
-        log.info("mixed-task planner, %s cost model (DELTACLIP_MIX_COSTS form): %s",
-                 "configured" if s.mix_costs else "measured", json.dumps(cost.as_config()))  # fmt: skip
+        log.info(
+            "mixed-task planner, %s cost model (DELTACLIP_MIX_COSTS form): %s",
+            "configured" if s.mix_costs else "measured",
+            json.dumps(cost.as_config()),
+        )
         return Planner(cost, s.max_batch, engine.run_mixed, always=s.batch_mode == "mixed")
 
     def _current_key(self) -> Hashable:
