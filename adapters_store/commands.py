@@ -87,13 +87,15 @@ def cmd_base_info(args: argparse.Namespace) -> int:
     sig = base.signature
     total = sum(p.numel() for p in net.parameters())
     tower = sum(p.numel() for p in tower_parameters(net).values())
-    _print_json({
-        "model": sig.model,
-        "pretrained": sig.pretrained,
-        "fingerprint": sig.fingerprint,
-        "embed_dim": sig.embed_dim,
-        "parameters": {"total": total, "image_tower": tower, "other": total - tower},
-    })  # fmt: skip
+    _print_json(
+        {
+            "model": sig.model,
+            "pretrained": sig.pretrained,
+            "fingerprint": sig.fingerprint,
+            "embed_dim": sig.embed_dim,
+            "parameters": {"total": total, "image_tower": tower, "other": total - tower},
+        }
+    )
     return 0
 
 
@@ -235,8 +237,13 @@ def cmd_adapters_export(args: argparse.Namespace) -> int:
     state = reg.merged_state(rec, net, sig)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"task": rec.task, "version": str(rec.version), "digest": rec.digest,
-            "base_fingerprint": rec.base_fingerprint, "class_names": json.dumps(rec.class_names)}  # fmt: skip
+    meta = {
+        "task": rec.task,
+        "version": str(rec.version),
+        "digest": rec.digest,
+        "base_fingerprint": rec.base_fingerprint,
+        "class_names": json.dumps(rec.class_names),
+    }
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
     print(f"wrote merged model of {rec.task} v{rec.version} to {out}")
     return 0

@@ -52,8 +52,11 @@ class DatabaseBlobStore:
             dialect = s.get_bind().dialect.name
             ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(BlobRow)
             values = {"digest": actual, "size": len(data), "data": bytes(data)}
-            s.execute(ins.values(**values).on_conflict_do_update(
-                index_elements=["digest"], set_={"touched_at": func.now()}))  # fmt: skip
+            s.execute(
+                ins.values(**values).on_conflict_do_update(
+                    index_elements=["digest"], set_={"touched_at": func.now()}
+                )
+            )
         self.cache.put(data, actual, hashed=True)
         return actual
 

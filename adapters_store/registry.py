@@ -129,10 +129,17 @@ class Registry(CatalogReads):
     ) -> AdapterRecord:
         meta = adapter.meta
         with self.catalog.write() as s:
-            _insert_ignore(s, BaseModelRow.__table__, {
-                "fingerprint": base.fingerprint, "model": base.model, "pretrained": base.pretrained,
-                "embed_dim": base.embed_dim, "eligible_params": base.eligible_params,
-            })  # fmt: skip
+            _insert_ignore(
+                s,
+                BaseModelRow.__table__,
+                {
+                    "fingerprint": base.fingerprint,
+                    "model": base.model,
+                    "pretrained": base.pretrained,
+                    "embed_dim": base.embed_dim,
+                    "eligible_params": base.eligible_params,
+                },
+            )
             _insert_ignore(s, TaskRow.__table__, {"name": meta.task, "last_version": 0})
             version = s.execute(
                 update(TaskRow)
@@ -140,10 +147,16 @@ class Registry(CatalogReads):
                 .values(last_version=TaskRow.last_version + 1)
                 .returning(TaskRow.last_version)
             ).scalar_one()
-            s.add(AdapterRow(
-                **catalog_values(meta), version=version, digest=digest, size_bytes=size,
-                num_classes=len(meta.class_names), param_counts=adapter.change_counts(),
-            ))  # fmt: skip
+            s.add(
+                AdapterRow(
+                    **catalog_values(meta),
+                    version=version,
+                    digest=digest,
+                    size_bytes=size,
+                    num_classes=len(meta.class_names),
+                    param_counts=adapter.change_counts(),
+                )
+            )
             if alias is not None:
                 s.flush()  # the version row exists before the alias names it
                 _point_alias(s, meta.task, alias, [Share(version, PLAIN_WEIGHT)])

@@ -34,8 +34,16 @@ TABLE = Path(__file__).with_name("data") / "wordnet_nouns.json.gz"
 MAX_ANCESTOR_LEVELS = 2
 MAX_ANCESTOR_CLASSES = 30
 # WordNet's noun detachment rules (morphy): plural suffix -> singular suffix.
-_SUFFIXES = (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
-             ("men", "man"), ("ies", "y"), ("s", ""))  # fmt: skip
+_SUFFIXES = (
+    ("ses", "s"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ches", "ch"),
+    ("shes", "sh"),
+    ("men", "man"),
+    ("ies", "y"),
+    ("s", ""),
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,15 @@ class LabelMapping:
     class_names: tuple[str, ...]
 
     def as_dict(self) -> dict[str, object]:
-        return {"label": self.label, "lemma": self.lemma, "rule": self.rule, "sense": self.sense,
-                "via": self.via, "classes": list(self.classes), "class_names": list(self.class_names)}  # fmt: skip
+        return {
+            "label": self.label,
+            "lemma": self.lemma,
+            "rule": self.rule,
+            "sense": self.sense,
+            "via": self.via,
+            "classes": list(self.classes),
+            "class_names": list(self.class_names),
+        }
 
 
 class WordNetNouns:
@@ -96,8 +111,13 @@ class WordNetNouns:
 
     def find_lemma(self, text: str) -> str | None:
         """The WordNet lemma for ``text`` (already lower case, single-spaced), or None."""
-        forms = dict.fromkeys([text.replace(" ", "_"), text.replace(" ", "-"),
-                               text.replace("-", "_").replace(" ", "_")])  # fmt: skip
+        forms = dict.fromkeys(
+            [
+                text.replace(" ", "_"),
+                text.replace(" ", "-"),
+                text.replace("-", "_").replace(" ", "_"),
+            ]
+        )
         for form in forms:
             if form in self.lemmas:
                 return form
@@ -129,8 +149,9 @@ class WordNetNouns:
                 for ancestor in self._level(sense, level):
                     classes = self.under.get(ancestor, ())
                     if 0 < len(classes) <= MAX_ANCESTOR_CLASSES:
-                        return self._mapping(label, lemma, f"{rule} + ancestor", sense, rank,
-                                             ancestor)  # fmt: skip
+                        return self._mapping(
+                            label, lemma, f"{rule} + ancestor", sense, rank, ancestor
+                        )
         raise UnmappedLabel(
             f"label {label!r} (WordNet lemma {lemma!r}) has no ImageNet-1k class under any of its "
             f"{len(senses)} senses nor within {MAX_ANCESTOR_LEVELS} levels above them"
@@ -147,10 +168,14 @@ class WordNetNouns:
     ) -> LabelMapping:
         classes = tuple(sorted(self.under[via]))
         return LabelMapping(
-            label=label, lemma=lemma, rule=rule, sense=f"{self.words[sense]} (sense {rank})",
-            via=self.words[via], classes=classes,
+            label=label,
+            lemma=lemma,
+            rule=rule,
+            sense=f"{self.words[sense]} (sense {rank})",
+            via=self.words[via],
+            classes=classes,
             class_names=tuple(self.class_name(c) for c in classes),
-        )  # fmt: skip
+        )
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,13 +38,19 @@ QUESTIONS = {
 
 def build_parser(question: str | None) -> argparse.ArgumentParser:
     """The top-level parser, with the full options of ``question`` only (the others listed)."""
-    parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=(__doc__ or "").split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="question", required=True, metavar="QUESTION")
     for name, (path, help_) in QUESTIONS.items():
         if name == question:
             module = importlib.import_module(path)
-            p = sub.add_parser(name, help=help_, description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+            p = sub.add_parser(
+                name,
+                help=help_,
+                description=module.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
             module.add_arguments(p)
         else:
             sub.add_parser(name, help=help_, add_help=False)

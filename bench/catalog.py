@@ -38,7 +38,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--adapters", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=200, help="timed requests per query")
     ap.add_argument("--databases", type=csv_list(str), default=["sqlite", "postgresql"])
-    ap.add_argument("--postgres", default=PG_ADMIN, help="admin URL; a fresh database is created and dropped")  # fmt: skip
+    ap.add_argument(
+        "--postgres", default=PG_ADMIN, help="admin URL; a fresh database is created and dropped"
+    )
 
 
 def run(args: argparse.Namespace, result: Result) -> None:
@@ -107,7 +109,9 @@ def measure(url: str, home: Path, args: argparse.Namespace) -> dict[str, Any]:
     net = build_base(*TINY)
     sig = signature_of(net, *TINY)
     upgrade(url)
-    settings = ServerSettings(home=home, database_url=url, base_model=TINY[0], base_pretrained=TINY[1])  # fmt: skip
+    settings = ServerSettings(
+        home=home, database_url=url, base_model=TINY[0], base_pretrained=TINY[1]
+    )
     reg = Registry.from_settings(settings)
     seconds = populate(reg, n, net, sig)
     reg.close()
@@ -118,9 +122,11 @@ def measure(url: str, home: Path, args: argparse.Namespace) -> dict[str, Any]:
         "GET /adapters (deep page)": lambda: f"/adapters?limit=50&offset={rng.randrange(0, deep)}",
         "GET /adapters?task=": lambda: f"/adapters?task=task{rng.randrange(max(1, n // 10)):04d}",
         "GET /adapters?domain=": lambda: f"/adapters?domain=tgt{rng.randrange(25)}&limit=50",
-        "GET /adapters?base=": lambda: f"/adapters?base={TINY[0]}&limit=50&offset={rng.randrange(0, deep)}",
+        "GET /adapters?base=": lambda: (
+            f"/adapters?base={TINY[0]}&limit=50&offset={rng.randrange(0, deep)}"
+        ),
         "GET /catalog (page)": lambda: f"/catalog?limit=50&offset={rng.randrange(0, deep)}",
-    }  # fmt: skip
+    }
     out: dict[str, Any] = {"adapters": n, "register_seconds": seconds, "queries": {}}
     with TestClient(create_app(settings)) as client:
 
@@ -133,5 +139,8 @@ def measure(url: str, home: Path, args: argparse.Namespace) -> dict[str, Any]:
                 get(make)
             times = [time_once(partial(get, make)) for _ in range(args.repeat)]
             out["queries"][name] = {"p50_ms": median(times) * 1e3, "p95_ms": p(times, 0.95) * 1e3}
-            print(f"  {name:<30} p50 {median(times) * 1e3:6.1f} ms   p95 {p(times, 0.95) * 1e3:6.1f} ms", flush=True)  # fmt: skip
+            print(
+                f"  {name:<30} p50 {median(times) * 1e3:6.1f} ms   p95 {p(times, 0.95) * 1e3:6.1f} ms",
+                flush=True,
+            )
     return out

@@ -34,12 +34,16 @@ from bench.harness import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, base="deltaclip-efflite0", reps=3)
-    p.add_argument("--clients", type=csv_list(int), default=[1, 4, 16, 64], help="requests in flight")  # fmt: skip
+    p.add_argument(
+        "--clients", type=csv_list(int), default=[1, 4, 16, 64], help="requests in flight"
+    )
     p.add_argument("--max-batch", type=int, default=16, help="the server's max_batch")
     p.add_argument("--requests", type=int, default=256, help="requests per measurement")
 
 
-async def _images_per_second(batcher: Any, run: Any, image: torch.Tensor, clients: int, n: int) -> float:  # fmt: skip
+async def _images_per_second(
+    batcher: Any, run: Any, image: torch.Tensor, clients: int, n: int
+) -> float:
     """``n`` single-image requests from ``clients`` closed-loop clients; completions per second
     over the middle of the run (the first and last ``clients`` completions left out)."""
     left = iter(range(n))
@@ -102,21 +106,35 @@ def run(args: argparse.Namespace, result: Any) -> None:
                 batcher.start()
                 try:
                     loop_n = max(n, 3 * clients)
-                    rates[mode].append(asyncio.run(_images_per_second(batcher, forward, image, clients, loop_n)))  # fmt: skip
+                    rates[mode].append(
+                        asyncio.run(_images_per_second(batcher, forward, image, clients, loop_n))
+                    )
                     identical[mode] = _identical_alone_and_batched(batcher, features, probe)
                 finally:
                     batcher.stop()
         dyn, det = median(rates["dynamic"]), median(rates["deterministic"])
-        row = {"clients": clients, "dynamic_ips": dyn, "deterministic_ips": det,
-               "cost": 1 - det / dyn, "identical_dynamic": identical["dynamic"],
-               "identical_deterministic": identical["deterministic"]}  # fmt: skip
+        row = {
+            "clients": clients,
+            "dynamic_ips": dyn,
+            "deterministic_ips": det,
+            "cost": 1 - det / dyn,
+            "identical_dynamic": identical["dynamic"],
+            "identical_deterministic": identical["deterministic"],
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     engine.restore_base()
     result["determinism"] = {"max_batch": args.max_batch, "max_wait_ms": 2, "rows": rows}
     print_table(
         ["in flight", "dynamic img/s", "deterministic img/s", "cost", "bit-identical (dyn / det)"],
-        [[str(r["clients"]), f"{r['dynamic_ips']:.1f}", f"{r['deterministic_ips']:.1f}",
-          f"{r['cost']:.0%}", f"{r['identical_dynamic']} / {r['identical_deterministic']}"]
-         for r in rows],
-    )  # fmt: skip
+        [
+            [
+                str(r["clients"]),
+                f"{r['dynamic_ips']:.1f}",
+                f"{r['deterministic_ips']:.1f}",
+                f"{r['cost']:.0%}",
+                f"{r['identical_dynamic']} / {r['identical_deterministic']}",
+            ]
+            for r in rows
+        ],
+    )

@@ -77,10 +77,16 @@ def _exactness_in(
     subs_dtype = [SubtractSwap(patcher, a, upcast=False) for a in adapters]
     subs_up = [SubtractSwap(patcher, a, upcast=True) for a in adapters]
     methods: dict[str, tuple[Callable[[int], None], Callable[[int], None]]] = {
-        "deltaclip copy-restore": (lambda k: patcher.patch(preps[k]), lambda k: patcher.restore(preps[k])),
-        "subtract, in serving dtype": (lambda k: subs_dtype[k].patch(), lambda k: subs_dtype[k].restore()),
+        "deltaclip copy-restore": (
+            lambda k: patcher.patch(preps[k]),
+            lambda k: patcher.restore(preps[k]),
+        ),
+        "subtract, in serving dtype": (
+            lambda k: subs_dtype[k].patch(),
+            lambda k: subs_dtype[k].restore(),
+        ),
         "subtract, float32 upcast": (lambda k: subs_up[k].patch(), lambda k: subs_up[k].restore()),
-    }  # fmt: skip
+    }
     rows: list[dict[str, Any]] = []
     for name, (patch, restore) in methods.items():
         for d, buf in patcher.flat.items():
@@ -110,10 +116,21 @@ def _exactness_in(
             for d, idx in preps[0].indices.items()
         )
         restore(0)
-        rows.append(_row(dtype_name, name, cycles, len(preps), max_abs_drift=worst,
-                         drifted_weights=drifted, first_drift_cycle=first, drift_by_cycle=curve,
-                         fingerprint_matches=fp_ok, task_weights_max_abs_error=task_err,
-                         seconds=elapsed))  # fmt: skip
+        rows.append(
+            _row(
+                dtype_name,
+                name,
+                cycles,
+                len(preps),
+                max_abs_drift=worst,
+                drifted_weights=drifted,
+                first_drift_cycle=first,
+                drift_by_cycle=curve,
+                fingerprint_matches=fp_ok,
+                task_weights_max_abs_error=task_err,
+                seconds=elapsed,
+            )
+        )
     for d, buf in patcher.flat.items():
         buf.copy_(flat0[d])
     assert patcher.is_pristine()
@@ -129,7 +146,11 @@ def _lora_drift(
     """PEFT LoRA served merged (no per-forward cost): merge_adapter / unmerge_adapter cycles.
     Merge/unmerge touches only the LoRA layers' base weights: those are compared."""
     pm = build_peft(base_visual, {r: [f"r{r}a", f"r{r}b"]}, args.device, dtype)
-    live = {n: m.base_layer.weight for n, m in pm.named_modules() if hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear)}  # fmt: skip
+    live = {
+        n: m.base_layer.weight
+        for n, m in pm.named_modules()
+        if hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear)
+    }
     weights0 = {n: w.detach().clone() for n, w in live.items()}
     fp0 = base_fingerprint(pm)
 
@@ -155,7 +176,16 @@ def _lora_drift(
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     drifted = sum(int((live[n] != w).sum()) for n, w in weights0.items())
-    return _row(dtype_name, f"PEFT LoRA merge/unmerge (r={r})", cycles, 2, max_abs_drift=drift(),
-                drifted_weights=drifted, first_drift_cycle=first, drift_by_cycle=curve,
-                fingerprint_matches=base_fingerprint(pm) == fp0, task_weights_max_abs_error=None,
-                seconds=elapsed)  # fmt: skip
+    return _row(
+        dtype_name,
+        f"PEFT LoRA merge/unmerge (r={r})",
+        cycles,
+        2,
+        max_abs_drift=drift(),
+        drifted_weights=drifted,
+        first_drift_cycle=first,
+        drift_by_cycle=curve,
+        fingerprint_matches=base_fingerprint(pm) == fp0,
+        task_weights_max_abs_error=None,
+        seconds=elapsed,
+    )

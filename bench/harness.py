@@ -37,8 +37,19 @@ from adapters_store.bases import BaseSignature, build_base, signature_of
 
 SCHEMA = "deltaclip-bench/1"
 # Fields every result file has, whatever the question (its sections come next to them).
-HEADER = ("schema", "question", "command", "machine", "device", "base", "quick", "reps",
-          "sections", "wall_s", "wall_s_by_run")  # fmt: skip
+HEADER = (
+    "schema",
+    "question",
+    "command",
+    "machine",
+    "device",
+    "base",
+    "quick",
+    "reps",
+    "sections",
+    "wall_s",
+    "wall_s_by_run",
+)
 DENSITIES = (0.0005, 0.001, 0.005, 0.01)  # the RST-like densities every swap/storage table uses
 
 
@@ -59,19 +70,33 @@ def add_common(
 ) -> None:
     """The options every question shares; ``sections``/``base`` only where the question has them."""
     g = p.add_argument_group("harness")
-    g.add_argument("--out", type=Path, help="result JSON (default: $TMPDIR/deltaclip-bench/<question>.json)")  # fmt: skip
+    g.add_argument(
+        "--out", type=Path, help="result JSON (default: $TMPDIR/deltaclip-bench/<question>.json)"
+    )
     g.add_argument("--merge", action="store_true", help="keep the other sections already in --out")
     g.add_argument("--quick", action="store_true", help="fewest repetitions (smoke run)")
     g.add_argument("--reps", type=int, default=reps, help="repetitions of each timing block")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    g.add_argument("--max-load", type=float, default=0.7, help="wait for a 1-min load average below this")  # fmt: skip
-    g.add_argument("--max-wait-s", type=float, default=1800.0, help="longest wait for it (0: never wait)")  # fmt: skip
+    g.add_argument(
+        "--max-load", type=float, default=0.7, help="wait for a 1-min load average below this"
+    )
+    g.add_argument(
+        "--max-wait-s", type=float, default=1800.0, help="longest wait for it (0: never wait)"
+    )
     if base is not None:
-        g.add_argument("--base", default=base, help=f"base MODEL[/PRETRAINED] (default {base}; seeded random weights unless named)")  # fmt: skip
+        g.add_argument(
+            "--base",
+            default=base,
+            help=f"base MODEL[/PRETRAINED] (default {base}; seeded random weights unless named)",
+        )
     if sections is not None:
-        g.add_argument("--sections", type=csv_list(str), default=sections,
-                       help=f"parts to run, comma-separated (default: {','.join(sections)})")  # fmt: skip
+        g.add_argument(
+            "--sections",
+            type=csv_list(str),
+            default=sections,
+            help=f"parts to run, comma-separated (default: {','.join(sections)})",
+        )
 
 
 def base_spec(text: str) -> tuple[str, str]:
@@ -134,10 +159,13 @@ def machine() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, Any] = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }  # fmt: skip
+    }
     for package in ("open_clip_torch", "peft"):
         try:
             out[package] = version(package)
@@ -259,11 +287,16 @@ class Result:
         self.write = True  # False: nothing is written (a question that only reads its file)
         self.data: dict[str, Any] = {
             **self.previous,
-            "schema": SCHEMA, "question": question,
+            "schema": SCHEMA,
+            "question": question,
             "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
-            "machine": machine(), "device": args.device, "base": getattr(args, "base", None),
-            "quick": args.quick, "reps": args.reps, "sections": self.sections,
-        }  # fmt: skip
+            "machine": machine(),
+            "device": args.device,
+            "base": getattr(args, "base", None),
+            "quick": args.quick,
+            "reps": args.reps,
+            "sections": self.sections,
+        }
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -287,8 +320,11 @@ class Result:
             if "wall_s" in prev
             else []
         )
-        run = {"sections": self.sections, "wall_s": time.perf_counter() - self.started,
-               "command": self.data["command"]}  # fmt: skip
+        run = {
+            "sections": self.sections,
+            "wall_s": time.perf_counter() - self.started,
+            "command": self.data["command"],
+        }
         self.data["wall_s_by_run"] = [*runs, run]
         self.data["wall_s"] = sum(r["wall_s"] for r in self.data["wall_s_by_run"])
         self.save()

@@ -29,7 +29,9 @@ from bench.lora import build_peft, lora_params_per_rank, lora_rank_for
 from bench.servers import fast_adapter, full_queue, task_sequence, tower_state
 
 
-async def _closed_loop(batcher: Any, engine: Any, prepared: list[Any], n: int, clients: int, size: int) -> float:  # fmt: skip
+async def _closed_loop(
+    batcher: Any, engine: Any, prepared: list[Any], n: int, clients: int, size: int
+) -> float:
     """Images per second between completions ``clients/2`` and ``n - clients``: every client has
     work throughout (no drain), and the first half-round is skipped (ramp-up). Needs n ≥ 2×."""
     images = torch.randn(1, 3, size, size)
@@ -69,13 +71,22 @@ def throughput(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, 
 
     engine = Engine(net, sig, args.device, "float32")
     size = native_size(net)
-    adapters = [engine.prepare(fake_record(f"t{i}", f"d{i}"), random_adapter(net, sig, f"t{i}", density=0.005, seed=i))
-                for i in range(30)]  # fmt: skip
+    adapters = [
+        engine.prepare(
+            fake_record(f"t{i}", f"d{i}"), random_adapter(net, sig, f"t{i}", density=0.005, seed=i)
+        )
+        for i in range(30)
+    ]
 
     async def run(which: list[Any], c: int, n: int) -> tuple[float, float]:
         metrics = Metrics()
-        batcher = Batcher(args.max_batch, 0.002, 4096, metrics,
-                          lambda: engine.current.digest if engine.current else None)  # fmt: skip
+        batcher = Batcher(
+            args.max_batch,
+            0.002,
+            4096,
+            metrics,
+            lambda: engine.current.digest if engine.current else None,
+        )
         batcher.start()
         rate = await _closed_loop(batcher, engine, which, n, c, size)
         batcher.stop()
@@ -90,10 +101,16 @@ def throughput(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, 
             one, b1 = asyncio.run(run(adapters[:1], c, n))
             thirty, b30 = asyncio.run(run(adapters, c, n))
             reps.append((one, thirty, b1, b30))
-        row = {"clients": c, "requests": n, "reps": len(reps),
-               "one_task_ips": median([r[0] for r in reps]), "thirty_tasks_ips": median([r[1] for r in reps]),
-               "ratio": median([r[1] / r[0] for r in reps]),
-               "mean_batch_one": median([r[2] for r in reps]), "mean_batch_thirty": median([r[3] for r in reps])}  # fmt: skip
+        row = {
+            "clients": c,
+            "requests": n,
+            "reps": len(reps),
+            "one_task_ips": median([r[0] for r in reps]),
+            "thirty_tasks_ips": median([r[1] for r in reps]),
+            "ratio": median([r[1] / r[0] for r in reps]),
+            "mean_batch_one": median([r[2] for r in reps]),
+            "mean_batch_thirty": median([r[3] for r in reps]),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     engine.restore_base()
@@ -167,11 +184,21 @@ def peft_mixed(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, 
         for name in methods:
             row[f"{name}_img_s"] = median(times[(n, kind, name)])
         for name in ("deltaclip", "peft_mixed"):
-            row[f"{name}_vs_merged"] = median([a / b for a, b in zip(times[(n, kind, name)], times[(n, kind, "merged")], strict=True)])  # fmt: skip
+            row[f"{name}_vs_merged"] = median(
+                [
+                    a / b
+                    for a, b in zip(times[(n, kind, name)], times[(n, kind, "merged")], strict=True)
+                ]
+            )
         rows.append(row)
         print("   ", json.dumps(row), flush=True)
     return {
-        "rows": rows, "lora_rank": r, "lora_params": r * per_rank, "nnz_mean": sum(a.meta.nnz for a in adapters) / n_max,
-        "batch": args.max_batch, "batches_per_cell": args.peft_batches, "mixed_batch_max_abs_error": mixed_err,
+        "rows": rows,
+        "lora_rank": r,
+        "lora_params": r * per_rank,
+        "nnz_mean": sum(a.meta.nnz for a in adapters) / n_max,
+        "batch": args.max_batch,
+        "batches_per_cell": args.peft_batches,
+        "mixed_batch_max_abs_error": mixed_err,
         "loads": loads,
-    }  # fmt: skip
+    }

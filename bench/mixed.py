@@ -76,11 +76,16 @@ def correction(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, 
             load = wait_for_quiet(args.max_load, args.max_wait_s)
             plain(), mixed()
             pairs = [(time_once(plain, sync), time_once(mixed, sync)) for _ in range(5 * args.reps)]
-            row = {"density": density, "block": block, "nnz": corr.nnz,
-                   "bytes_per_weight": round(corr.bytes_per_weight, 2),
-                   "forward_ms": round(median([a for a, _ in pairs]) * 1e3, 2),
-                   "mixed_ms": round(median([b for _, b in pairs]) * 1e3, 2),
-                   "extra_share": round(median([b / a - 1 for a, b in pairs]), 4), "load": load}  # fmt: skip
+            row = {
+                "density": density,
+                "block": block,
+                "nnz": corr.nnz,
+                "bytes_per_weight": round(corr.bytes_per_weight, 2),
+                "forward_ms": round(median([a for a, _ in pairs]) * 1e3, 2),
+                "mixed_ms": round(median([b for _, b in pairs]) * 1e3, 2),
+                "extra_share": round(median([b / a - 1 for a, b in pairs]), 4),
+                "load": load,
+            }
             print("   ", json.dumps(row), flush=True)
             rows.append(row)
     assert engine.patcher.is_pristine()
@@ -158,7 +163,9 @@ def inprocess(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, A
         pm = build_peft(
             copy.deepcopy(base_visual), {r: [f"t{i}" for i in range(n_max)]}, device, torch.float32
         )
-        methods["peft_mixed"] = torch.inference_mode()(lambda tasks: pm(x, adapter_names=[f"t{t}" for t in tasks]))  # fmt: skip
+        methods["peft_mixed"] = torch.inference_mode()(
+            lambda tasks: pm(x, adapter_names=[f"t{t}" for t in tasks])
+        )
         extra = {"lora_rank": r, "lora_params": r * per_rank}
     cells = [(1, "uniform")] + [(n, k) for n in args.tasks if n > 1 for k in ("uniform", "zipf")]
     times, loads = full_queue(
@@ -178,13 +185,23 @@ def inprocess(net: nn.Module, sig: Any, args: argparse.Namespace) -> dict[str, A
         row: dict[str, Any] = {"n": n, "popularity": kind}
         for name in methods:
             row[f"{name}_img_s"] = round(median(times[(n, kind, name)]), 2)
-            ratios = [a / m for a, m in zip(times[(n, kind, name)], times[(n, kind, "merged")], strict=True)]  # fmt: skip
+            ratios = [
+                a / m
+                for a, m in zip(times[(n, kind, name)], times[(n, kind, "merged")], strict=True)
+            ]
             row[f"{name}_vs_merged"] = round(median(ratios), 3)
         rows.append(row)
         print("   ", json.dumps(row), flush=True)
-    return {"rows": rows, "density": args.density, "batch": b, "batches_per_cell": args.batches,
-            "cost_model": vars(cost), "cost_model_load": calibration_load, "loads": loads,
-            **extra}  # fmt: skip
+    return {
+        "rows": rows,
+        "density": args.density,
+        "batch": b,
+        "batches_per_cell": args.batches,
+        "cost_model": vars(cost),
+        "cost_model_load": calibration_load,
+        "loads": loads,
+        **extra,
+    }
 
 
 def run(args: argparse.Namespace, result: Result) -> None:

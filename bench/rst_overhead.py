@@ -40,7 +40,11 @@ from trainer.transforms import image_size_of
 # Ten everyday nouns, so the default base's WordNet text side can place every one.
 LABELS = ["cat", "dog", "car", "bag", "shoe", "shirt", "coat", "dress", "boot", "sandal"]
 CLASSES = len(LABELS)
-VARIANTS = (("plain", False, None, 1.0), ("rst", True, None, 1.0), ("rst+budget", True, 0.005, 1000.0))  # fmt: skip
+VARIANTS = (
+    ("plain", False, None, 1.0),
+    ("rst", True, None, 1.0),
+    ("rst+budget", True, 0.005, 1000.0),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +58,9 @@ def make_session(base: str, max_density: float | None, lr_scale: float) -> tuple
     net, _ = load_base(base)
     model, pretrained = base_spec(base)
     size = image_size_of(net)
-    cfg = TrainConfig("src", "tgt", "bench", base_model=model, base_pretrained=pretrained,
-                      max_density=max_density).resolve(tower_kind(net), size)  # fmt: skip
+    cfg = TrainConfig(
+        "src", "tgt", "bench", base_model=model, base_pretrained=pretrained, max_density=max_density
+    ).resolve(tower_kind(net), size)
     cfg = dataclasses.replace(cfg, lr=float(cfg.require(cfg.lr, "lr")) * lr_scale)
     emb = class_embeddings(net, model, pretrained, LABELS, cfg.prompt_template)
     return Session(cfg, net, emb, logit_scale_of(net), torch.device("cpu")), size
@@ -85,9 +90,12 @@ def run(args: argparse.Namespace, result: Result) -> None:
     gen = torch.Generator().manual_seed(1)
     b = args.batch_size
     batch = (
-        (torch.randn(b, 3, size, size, generator=gen), torch.randint(0, CLASSES, (b,), generator=gen)),
+        (
+            torch.randn(b, 3, size, size, generator=gen),
+            torch.randint(0, CLASSES, (b,), generator=gen),
+        ),
         (torch.randn(b, 3, size, size, generator=gen), torch.zeros(b, dtype=torch.long)),
-    )  # fmt: skip
+    )
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for i in range(args.warmup + args.steps):
         for name, (session, timed) in variants.items():
@@ -99,13 +107,23 @@ def run(args: argparse.Namespace, result: Result) -> None:
     for name, samples in times.items():
         session = variants[name][0]
         step, apply = median([s for s, _ in samples]), median([a for _, a in samples])
-        rows.append({
-            "variant": name, "step_ms": step * 1e3, "rst_apply_ms": apply * 1e3,
-            "overhead": apply / (step - apply) if step > apply else None,
-            "density_after": session.rst.recount() / session.rst.eligible, "lr": session.cfg.lr,
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "step_ms": step * 1e3,
+                "rst_apply_ms": apply * 1e3,
+                "overhead": apply / (step - apply) if step > apply else None,
+                "density_after": session.rst.recount() / session.rst.eligible,
+                "lr": session.cfg.lr,
+            }
+        )
     for row in rows:
         row["step_vs_plain"] = row["step_ms"] / rows[0]["step_ms"]
-    result.data.update(image_size=size, batch_size=b, steps=args.steps,
-                       eligible=variants["rst"][0].rst.eligible, rows=rows)  # fmt: skip
+    result.data.update(
+        image_size=size,
+        batch_size=b,
+        steps=args.steps,
+        eligible=variants["rst"][0].rst.eligible,
+        rows=rows,
+    )
     print(json.dumps(rows, indent=1))

@@ -67,14 +67,22 @@ def fast_adapter(
         head = TaskHead(sig.embed_dim, len(CLASSES)).state_dict()
         emb = nn.functional.normalize(torch.randn(len(CLASSES), sig.embed_dim), dim=1)
     meta = AdapterMeta(
-        task=task, base_model=sig.model, base_pretrained=sig.pretrained,
-        base_fingerprint=sig.fingerprint, class_names=list(CLASSES),
+        task=task,
+        base_model=sig.model,
+        base_pretrained=sig.pretrained,
+        base_fingerprint=sig.fingerprint,
+        class_names=list(CLASSES),
         head={"type": HEAD_TYPE, "dim": sig.embed_dim, "num_classes": len(CLASSES)},
-        residual_dtype="float32", nnz=nnz, eligible_params=eligible, density=nnz / eligible,
-        source_domain="synthetic-source", target_domain="synthetic-target", method="synthetic",
+        residual_dtype="float32",
+        nnz=nnz,
+        eligible_params=eligible,
+        density=nnz / eligible,
+        source_domain="synthetic-source",
+        target_domain="synthetic-target",
+        method="synthetic",
         train_config={"generator": "bench/servers.py", "density": density, "seed": seed},
         created_at=utc_now_iso(),
-    )  # fmt: skip
+    )
     return Adapter(meta=meta, residual=residual, head=dict(head), class_embeddings=emb)
 
 
@@ -101,11 +109,18 @@ def build_store(home: Path, net: nn.Module, sig: Any, n: int, density: float) ->
     """Register ``n`` adapters ``t0..t{n-1}`` into a fresh SQLite catalog + blob folder."""
     base = tower_state(net)
     t = time.perf_counter()
-    records = register(home, ServingBase.of(net, sig), (fast_adapter(base, sig, f"t{i}", density, seed=1000 + i) for i in range(n)))  # fmt: skip
+    records = register(
+        home,
+        ServingBase.of(net, sig),
+        (fast_adapter(base, sig, f"t{i}", density, seed=1000 + i) for i in range(n)),
+    )
     return {
-        "adapters": n, "density": density, "nnz_mean": sum(r.nnz for r in records) / n,
-        "file_bytes_mean": sum(r.size_bytes for r in records) / n, "build_s": time.perf_counter() - t,
-    }  # fmt: skip
+        "adapters": n,
+        "density": density,
+        "nnz_mean": sum(r.nnz for r in records) / n,
+        "file_bytes_mean": sum(r.size_bytes for r in records) / n,
+        "build_s": time.perf_counter() - t,
+    }
 
 
 def popularity(n: int, kind: str) -> list[float]:
@@ -174,17 +189,25 @@ async def closed_loop(client: Any, tasks: list[int], clients: int, jpeg: bytes) 
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
     return {
-        "requests": len(tasks), "rps": len(tasks) / wall, "p50_ms": median(lat) * 1e3,
-        "p99_ms": p(lat, 0.99) * 1e3, "errors": len(errors), "error_codes": sorted(set(errors)),
+        "requests": len(tasks),
+        "rps": len(tasks) / wall,
+        "p50_ms": median(lat) * 1e3,
+        "p99_ms": p(lat, 0.99) * 1e3,
+        "errors": len(errors),
+        "error_codes": sorted(set(errors)),
         "latencies_ms": [round(x * 1e3, 2) for x in lat],
-    }  # fmt: skip
+    }
 
 
 def scrape(text: str) -> dict[str, float]:
     """A few counters from the Prometheus text of /metrics."""
     out = {}
-    for name in ("deltaclip_cache_misses_total", "deltaclip_cache_evictions_total",
-                 "deltaclip_batch_images_sum", "deltaclip_batch_images_count"):  # fmt: skip
+    for name in (
+        "deltaclip_cache_misses_total",
+        "deltaclip_cache_evictions_total",
+        "deltaclip_batch_images_sum",
+        "deltaclip_batch_images_count",
+    ):
         m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
         out[name] = float(m.group(1)) if m else 0.0
     for path in ("patched", "mixed"):
@@ -229,8 +252,12 @@ def server(
     env.pop("DELTACLIP_DATABASE_URL", None)
     log_path = home / f"server-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "adapters_store.cli", "serve", "--log-level", "warning"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapters_store.cli", "serve", "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300

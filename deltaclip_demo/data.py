@@ -27,8 +27,18 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = (
     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
 )
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
-                   "sandal", "shirt", "sneaker", "bag", "ankle_boot"]  # fmt: skip
+FASHION_CLASSES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

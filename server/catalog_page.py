@@ -136,14 +136,20 @@ def _row(r: Any, shapes: Mapping[str, tuple[int, ...]] | None, same_base: bool) 
     dense = r.eligible_params * 4
     return {
         **_usage(r),
-        "task": r.task, "version": r.version,
+        "task": r.task,
+        "version": r.version,
         "aliases": [_alias_label(a, share) for a, share in r.alias_shares.items()],
-        "source_domain": r.source_domain, "target_domain": r.target_domain, "method": r.method,
-        "accuracy": _accuracy(r.metrics), "density": f"{r.density:.3%}", "nnz": f"{r.nnz:,}",
-        "size": _size(r.size_bytes), "ratio": f"{dense / r.size_bytes:,.0f}×" if r.size_bytes else "–",
+        "source_domain": r.source_domain,
+        "target_domain": r.target_domain,
+        "method": r.method,
+        "accuracy": _accuracy(r.metrics),
+        "density": f"{r.density:.3%}",
+        "nnz": f"{r.nnz:,}",
+        "size": _size(r.size_bytes),
+        "ratio": f"{dense / r.size_bytes:,.0f}×" if r.size_bytes else "–",
         "chart": layer_chart(layer_counts(r.param_counts, shapes if same_base else None)),
         "digest": r.digest,
-    }  # fmt: skip
+    }
 
 
 SORT_LABELS = {

@@ -19,13 +19,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         key: value
         for key, value in {
-            "home": args.home, "database_url": args.database_url, "base_model": args.base_model,
-            "base_pretrained": args.base_pretrained, "device": args.device, "dtype": args.dtype,
-            "host": args.host, "port": args.port, "max_batch": args.max_batch, "cache_bytes": args.cache_bytes,
+            "home": args.home,
+            "database_url": args.database_url,
+            "base_model": args.base_model,
+            "base_pretrained": args.base_pretrained,
+            "device": args.device,
+            "dtype": args.dtype,
+            "host": args.host,
+            "port": args.port,
+            "max_batch": args.max_batch,
+            "cache_bytes": args.cache_bytes,
             "deterministic": args.deterministic,
         }.items()
         if value is not None
-    }  # fmt: skip
+    }
     if args.pin:
         overrides["pin"] = args.pin
     if args.preload:
@@ -38,10 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # h11 (not httptools, which buffers heads unbounded) bounds incomplete heads, the app
     # answers complete heads over the limit (431); the protocol adds a read timeout and JSON
     # protocol errors (server/protocol.py). docs/API.md lists what uvicorn still answers itself.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=args.access_log, http=protocol_class(settings.read_timeout_s),
-                h11_max_incomplete_event_size=settings.max_head_bytes,
-                timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        http=protocol_class(settings.read_timeout_s),
+        h11_max_incomplete_event_size=settings.max_head_bytes,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
     return 0
 
 

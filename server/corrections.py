@@ -181,9 +181,12 @@ def matrix_delta(
             crow = torch.zeros(size[0] + 1, dtype=torch.int64)
             crow[1:] = counts.cumsum(0)
         csr = torch.sparse_csr_tensor(
-            crow.to(torch.int32), col.to(torch.int32), delta.contiguous(), size,
+            crow.to(torch.int32),
+            col.to(torch.int32),
+            delta.contiguous(),
+            size,
             check_invariants=False,
-        )  # fmt: skip
+        )
     return MatrixDelta(
         _i32(out_idx, device), _i32(in_idx, device), csr.to(device), layout.taps, full
     )

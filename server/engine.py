@@ -95,8 +95,12 @@ class Engine:
             try:
                 correction = self.mixer.prepare(adapter.residual)
             except NotMixable as exc:
-                log.info("%s v%s is served by the patched path only: %s",
-                         record.task, record.version, exc)  # fmt: skip
+                log.info(
+                    "%s v%s is served by the patched path only: %s",
+                    record.task,
+                    record.version,
+                    exc,
+                )
         return PreparedAdapter(
             task=record.task,
             version=record.version,

@@ -223,11 +223,25 @@ RULES: tuple[Rule, ...] = (
     # The client hung up before sending its whole body: nobody reads the answer, and it is not a
     # server error (no traceback in the log).
     Rule(ClientDisconnect, 400, "client_disconnected", log_level=logging.INFO),
-    Rule(OSError, 507, "insufficient_storage", disk_full, lambda _: _DISK_FULL_MESSAGE,
-         {"Retry-After": "60"}, logging.ERROR),
-    Rule(OperationalError, 507, "insufficient_storage", disk_full, lambda _: _DISK_FULL_MESSAGE,
-         {"Retry-After": "60"}, logging.ERROR),
-)  # fmt: skip
+    Rule(
+        OSError,
+        507,
+        "insufficient_storage",
+        disk_full,
+        lambda _: _DISK_FULL_MESSAGE,
+        {"Retry-After": "60"},
+        logging.ERROR,
+    ),
+    Rule(
+        OperationalError,
+        507,
+        "insufficient_storage",
+        disk_full,
+        lambda _: _DISK_FULL_MESSAGE,
+        {"Retry-After": "60"},
+        logging.ERROR,
+    ),
+)
 
 
 # What the middlewares answer on any path before a route runs (server/middleware/).

@@ -38,9 +38,16 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 ALLOWED = ("JPEG", "PNG", "WEBP", "BMP")
 _KNOWN_OTHER = {
-    b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF87a": "GIF", b"GIF89a": "GIF", b"SIMPLE  =": "FITS",
-    b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF", b"8BPS": "PSD", b"\x00\x00\x00\x0cjP": "JPEG 2000",
-}  # fmt: skip
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"SIMPLE  =": "FITS",
+    b"\x00\x00\x01\x00": "ICO",
+    b"%PDF": "PDF",
+    b"8BPS": "PSD",
+    b"\x00\x00\x00\x0cjP": "JPEG 2000",
+}
 
 
 def sniff(data: bytes) -> str | None:
@@ -159,8 +166,9 @@ def decode_within_budget(files: Sequence[bytes], limits: ImageLimits) -> Iterato
             image = decode_image(data, limit)
         except ImageTooLarge:
             if limit < limits.max_image_pixels:
-                raise ImageTooLarge("the request's images together exceed "
-                                    f"{limits.max_request_pixels:,} pixels") from None  # fmt: skip
+                raise ImageTooLarge(
+                    f"the request's images together exceed {limits.max_request_pixels:,} pixels"
+                ) from None
             raise
         budget -= image.width * image.height
         yield image

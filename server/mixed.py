@@ -73,8 +73,10 @@ class Mixer:
             own = {path + n: n for n, _ in module.named_parameters(recurse=False)}
             if isinstance(module, nn.MultiheadAttention):
                 inside.add(id(module.out_proj))
-                own |= {path + "out_proj." + n: "out_proj." + n
-                        for n, _ in module.out_proj.named_parameters()}  # fmt: skip
+                own |= {
+                    path + "out_proj." + n: "out_proj." + n
+                    for n, _ in module.out_proj.named_parameters()
+                }
                 self._add(own, lambda r, m=module: AttentionSite(m, r))
             elif id(module) in inside or not own:
                 continue

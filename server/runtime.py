@@ -135,8 +135,13 @@ class Runtime:
         self.batcher = batcher  # last: ready from here on
         if s.pin:
             self._spawn(self._poll_pins())
-        log.info("base %s/%s loaded in %.1fs, fingerprint %s", s.base_model, s.base_pretrained,
-                 time.perf_counter() - t0, sig.fingerprint)  # fmt: skip
+        log.info(
+            "base %s/%s loaded in %.1fs, fingerprint %s",
+            s.base_model,
+            s.base_pretrained,
+            time.perf_counter() - t0,
+            sig.fingerprint,
+        )
 
     def close(self) -> None:
         for task in self._tasks:

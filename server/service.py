@@ -191,8 +191,10 @@ class Service:
         try:
             ticket = serving.batcher.admit()
         except QueueFull:
-            raise Overloaded("too many requests are waiting; retry shortly",
-                             {"Retry-After": str(self.settings.retry_after_s)}) from None  # fmt: skip
+            raise Overloaded(
+                "too many requests are waiting; retry shortly",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
         except WorkerDown as exc:
             raise NotReady(f"the server is not ready: {exc}") from None
         try:
@@ -253,8 +255,13 @@ class Service:
         register = self.runtime.registry.register
         result = await asyncio.to_thread(register, data, serving.cache.base, alias)
         rec = result.record
-        log.info("registered %s v%d (%s) created=%s",
-                 rec.task, rec.version, rec.digest[:12], result.created)  # fmt: skip
+        log.info(
+            "registered %s v%d (%s) created=%s",
+            rec.task,
+            rec.version,
+            rec.digest[:12],
+            result.created,
+        )
         await self.runtime.refresh_pins([rec.task])  # a new version or alias may move a pin
         return result
 

@@ -205,11 +205,15 @@ class AttentionSite(Site):
 
 def attention_forward(mha: Any, work: Work) -> Callable[..., Any]:
     def forward(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:  # fmt: skip
+    ) -> tuple[torch.Tensor, None]:
         if key is not query or value is not query or key_padding_mask is not None:
             raise NotMixable("only plain self-attention is corrected")
         x = query if mha.batch_first else query.transpose(0, 1)

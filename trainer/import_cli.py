@@ -145,12 +145,18 @@ def run_import(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_register:  # fail now, before the base is built, if the catalog is unusable
         Registry.from_settings(settings).close()
     request = ImportRequest(
-        checkpoint=args.checkpoint, task=args.task, class_names=class_names_of(args),
-        density=args.density, head_file=args.head, template=args.prompt_template,
-        residual_dtype=args.residual_dtype, block_size=args.block_size,
+        checkpoint=args.checkpoint,
+        task=args.task,
+        class_names=class_names_of(args),
+        density=args.density,
+        head_file=args.head,
+        template=args.prompt_template,
+        residual_dtype=args.residual_dtype,
+        block_size=args.block_size,
         source_domain=args.source_domain,
-        target_domain=args.target_domain, created_at=args.created_at,
-    )  # fmt: skip
+        target_domain=args.target_domain,
+        created_at=args.created_at,
+    )
     net, base = ServingBase.build(settings.base_model, settings.base_pretrained)
     imported = build_import(request, net, base.signature)
     out = args.output or default_output(settings, args.task, imported.adapter.meta.created_at)

@@ -39,9 +39,13 @@ class Row:
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"path": self.path, "task": self.task, "version": self.version,
-                "predictions": [{"label": n, "score": s} for n, s in self.labels],
-                "error": self.error}  # fmt: skip
+        return {
+            "path": self.path,
+            "task": self.task,
+            "version": self.version,
+            "predictions": [{"label": n, "score": s} for n, s in self.labels],
+            "error": self.error,
+        }
 
     def as_csv(self, top_k: int) -> list[Any]:
         cells: list[Any] = [self.path, self.task, self.version]
@@ -60,13 +64,20 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
-                            and f.is_file() and not f.name.startswith("."))  # fmt: skip
+            files += sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix.lower() in IMAGE_EXTENSIONS
+                and f.is_file()
+                and not f.name.startswith(".")
+            )
         else:
             files.append(path)
     if not files:
-        raise TrainError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under "
-                         + ", ".join(str(p) for p in paths))  # fmt: skip
+        raise TrainError(
+            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under "
+            + ", ".join(str(p) for p in paths)
+        )
     return files
 
 
@@ -86,8 +97,9 @@ def local_rows(args: argparse.Namespace, settings: StoreSettings) -> Iterator[Ro
     from .evaluate import load_task_model
     from .execution import resolve_device
 
-    model = load_task_model(settings, args.task, args.version, args.alias,
-                            resolve_device(args.device, settings))  # fmt: skip
+    model = load_task_model(
+        settings, args.task, args.version, args.alias, resolve_device(args.device, settings)
+    )
     meta, record, device = model.adapter.meta, model.record, next(model.net.parameters()).device
     transform = eval_transform_for(model.net, adapter_image_size(meta.train_config, model.net))
     files = args.files
@@ -121,8 +133,9 @@ def remote_rows(args: argparse.Namespace) -> Iterator[Row]:
         for path in args.files:
             row = Row(str(path), args.task, version)
             try:
-                answer = client.predict(args.task, path.read_bytes(), version=version,
-                                        top_k=args.top_k)  # fmt: skip
+                answer = client.predict(
+                    args.task, path.read_bytes(), version=version, top_k=args.top_k
+                )
                 row.labels = [(x.label, x.score) for x in answer.predictions[0]]
             except OSError as exc:
                 row.error = f"unreadable file: {exc.strerror or exc}"
@@ -134,8 +147,11 @@ def remote_rows(args: argparse.Namespace) -> Iterator[Row]:
 def writer(out: Path | None, top_k: int, stream: IO[str]) -> Callable[[Row], None]:
     """How a row is written: CSV or JSON lines by ``out``'s suffix, else a line for people."""
     if out is None:
-        return lambda r: print(f"{r.path}\t" + (f"error: {r.error}" if r.error else
-                               ", ".join(f"{n} {s:.4f}" for n, s in r.labels)), file=stream)  # fmt: skip
+        return lambda r: print(
+            f"{r.path}\t"
+            + (f"error: {r.error}" if r.error else ", ".join(f"{n} {s:.4f}" for n, s in r.labels)),
+            file=stream,
+        )
     if out.suffix == ".jsonl":
         return lambda r: print(json.dumps(r.as_json()), file=stream, flush=True)
     table = csv.writer(stream)
@@ -162,8 +178,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         write = writer(args.out, args.top_k, stream)
         rows = remote_rows(args) if args.server else local_rows(args, settings)
-        for row in tqdm(rows, total=len(args.files), unit="img", desc=f"predict {args.task}",
-                        disable=True if args.no_progress else None):  # fmt: skip
+        for row in tqdm(
+            rows,
+            total=len(args.files),
+            unit="img",
+            desc=f"predict {args.task}",
+            disable=True if args.no_progress else None,
+        ):
             write(row)
             failed += row.error is not None
     except ClientError as exc:
@@ -172,20 +193,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.out:
             stream.close()
     where = f" to {args.out}" if args.out else ""
-    print(f"{len(args.files) - failed} of {len(args.files)} images classified{where}"
-          + (f"; {failed} with an error row" if failed else ""), file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(args.files) - failed} of {len(args.files)} images classified{where}"
+        + (f"; {failed} with an error row" if failed else ""),
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 
 def add_predict_parser(subparsers: Any) -> None:
     """Add ``deltaclip predict`` (registered with ``train`` and ``eval``)."""
     p = subparsers.add_parser(
-        "predict", help="classify image files and folders with a task's adapter (CSV/JSON lines)",
+        "predict",
+        help="classify image files and folders with a task's adapter (CSV/JSON lines)",
         description="Classify images (files, or folders searched recursively by extension) with "
         "a task's adapter, in process from the local catalog or with --server through a running "
         "server. One row per image; an unreadable or refused image gets an error row, and the "
         "exit status is then 1.",
-    )  # fmt: skip
+    )
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     p.add_argument("--task", required=True)
     sel = p.add_mutually_exclusive_group()

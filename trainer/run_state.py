@@ -115,8 +115,15 @@ class Run:
         """
         if not self.plan.ranks.is_main:
             return
-        save_checkpoint(self.plan.ckpt_path, {
-            "config": self.cfg.to_dict(), "fingerprint": self.signature.fingerprint,
-            "session": self.session.state(), "rng": rng_state(), "history": self.history,
-            "sums": self.sums, "elapsed": self.elapsed + time.perf_counter() - self.started,
-        })  # fmt: skip
+        save_checkpoint(
+            self.plan.ckpt_path,
+            {
+                "config": self.cfg.to_dict(),
+                "fingerprint": self.signature.fingerprint,
+                "session": self.session.state(),
+                "rng": rng_state(),
+                "history": self.history,
+                "sums": self.sums,
+                "elapsed": self.elapsed + time.perf_counter() - self.started,
+            },
+        )

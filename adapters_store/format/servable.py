@@ -98,8 +98,9 @@ def check_servable(
     _check_numbers("metrics", "metrics", meta.metrics)
     for key in ACCURACY_KEYS:
         value = meta.metrics.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not 0 <= value <= 100):  # fmt: skip
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100
+        ):
             raise bad("metrics", f"metrics.{key} must be a number from 0 to 100 (or null)")
     for name in meta.class_names:
         if len(name) > MAX_CLASS_NAME or any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in name):

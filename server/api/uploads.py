@@ -72,8 +72,10 @@ async def read_files(
         if image_format(body) is not None:
             return [body], {}
     shown = content_type.split(";")[0] or "none"
-    raise UnsupportedMediaType(f"send multipart/form-data with field {field!r}, or a raw image body "
-                               f"(content type was {shown!r})")  # fmt: skip
+    raise UnsupportedMediaType(
+        f"send multipart/form-data with field {field!r}, or a raw image body "
+        f"(content type was {shown!r})"
+    )
 
 
 def upload_openapi(properties: dict[str, Any], *, raw_images: bool = False) -> dict[str, Any]:

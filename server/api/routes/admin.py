@@ -82,12 +82,22 @@ class AliasBody(BaseModel):
     responses={
         200: {"model": Registration, "description": "The same bytes were already registered."},
         **documented(
-            *_ADMIN, InvalidRequest, MissingFile, ClientDisconnect, PayloadTooLarge,
-            UnsupportedMediaType, NotReady, store.InvalidName, store.AdapterTooLarge,
-            store.InvalidAdapter, store.IncompatibleBase, store.AlreadyExists, OSError,
+            *_ADMIN,
+            InvalidRequest,
+            MissingFile,
+            ClientDisconnect,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            NotReady,
+            store.InvalidName,
+            store.AdapterTooLarge,
+            store.InvalidAdapter,
+            store.IncompatibleBase,
+            store.AlreadyExists,
+            OSError,
         ),
     },
-)  # fmt: skip
+)
 async def upload(request: Request, response: Response, service: ServiceDep) -> Registration:
     """201 with task, version and digest; 200 when the same bytes were already registered."""
 
@@ -101,9 +111,15 @@ async def upload(request: Request, response: Response, service: ServiceDep) -> R
     rec = result.record
     response.status_code = 201 if result.created else 200
     return Registration(
-        task=rec.task, version=rec.version, digest=rec.digest, created=result.created,
-        aliases=rec.aliases, nnz=rec.nnz, density=rec.density, size_bytes=rec.size_bytes,
-    )  # fmt: skip
+        task=rec.task,
+        version=rec.version,
+        digest=rec.digest,
+        created=result.created,
+        aliases=rec.aliases,
+        nnz=rec.nnz,
+        density=rec.density,
+        size_bytes=rec.size_bytes,
+    )
 
 
 @router.delete(

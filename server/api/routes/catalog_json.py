@@ -119,13 +119,15 @@ async def get_version(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> d
         200: {"content": {"application/octet-stream": {}}},  # bytes: no schema (OpenAPI 3.1)
         **documented(RequestValidationError, AdapterNotFound, store.ChecksumMismatch),
     },
-)  # fmt: skip
+)
 async def get_file(rt: RuntimeDep, task: TaskPath, version: VersionPath) -> Response:
     record = await asyncio.to_thread(rt.registry.get, task, version)
     data = await asyncio.to_thread(rt.registry.read_bytes, record)
     return Response(
         data,
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{record.task}-v{record.version}.safetensors"',
-                 "ETag": f'"{record.digest}"'},
-    )  # fmt: skip
+        headers={
+            "Content-Disposition": f'attachment; filename="{record.task}-v{record.version}.safetensors"',
+            "ETag": f'"{record.digest}"',
+        },
+    )

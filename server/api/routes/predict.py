@@ -44,9 +44,19 @@ _IMAGE_BODY = upload_openapi(
 )
 # What reading and classifying a request's images can answer, adapter or zero-shot.
 _IMAGE_ERRORS = (
-    RequestValidationError, EmptyImage, MissingFile, ClientDisconnect, PayloadTooLarge,
-    TooManyImages, ImageTooLarge, UnsupportedMediaType, InvalidImage, NotReady, Overloaded, Timeout,
-)  # fmt: skip
+    RequestValidationError,
+    EmptyImage,
+    MissingFile,
+    ClientDisconnect,
+    PayloadTooLarge,
+    TooManyImages,
+    ImageTooLarge,
+    UnsupportedMediaType,
+    InvalidImage,
+    NotReady,
+    Overloaded,
+    Timeout,
+)
 
 
 def _image_reader(request: Request, max_images: int) -> ReadImages:
@@ -85,10 +95,14 @@ def _top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[list[Label]]:
     openapi_extra=_IMAGE_BODY,
     response_model=Prediction,
     responses=documented(
-        *_IMAGE_ERRORS, InvalidRequest, store.InvalidRequest, store.AdapterNotFound,
-        store.InvalidAdapter, store.ChecksumMismatch,
+        *_IMAGE_ERRORS,
+        InvalidRequest,
+        store.InvalidRequest,
+        store.AdapterNotFound,
+        store.InvalidAdapter,
+        store.ChecksumMismatch,
     ),
-)  # fmt: skip
+)
 async def predict(
     request: Request,
     response: Response,
